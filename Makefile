@@ -1,0 +1,42 @@
+# moco-zoo: every target creates/reuses the local virtualenv .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build this project is tested with; override on machines that want another (e.g. a CUDA index).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+FAST ?= 0
+
+.PHONY: venv demo test test-slow test-all bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $@
+
+## The main job on the embedded synthetic data (FAST=1: a few-minute smoke version).
+demo: venv
+	$(PY) -m moco_zoo.demo --out demo_out $(if $(filter 1,$(FAST)),--fast,)
+
+## The default test suite (slow tests excluded), the same command CI runs.
+test: venv
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+## Slow tests only (end-to-end runs, the demo smoke test).
+test-slow: venv
+	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
+
+test-all: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/machine_peak.py
+	$(PY) bench/augment_throughput.py
+	$(PY) bench/pretrain_throughput.py
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,108 @@
+"""Safe checkpoint loading and atomic writing, and the checkpoint kinds this project writes.
+
+Loading never unpickles arbitrary objects unless the caller opts in (``allow_pickle=True``): official MoCo files and
+our own checkpoints are plain tensors/containers and load with ``torch.load(weights_only=True)``. Writing goes to a
+temporary file in the same directory followed by ``os.replace``, so a crash never leaves a truncated checkpoint.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+# Every checkpoint this project writes carries one of these in its "kind" field.
+KIND_PRETRAIN = "moco-pretrain"
+KIND_LINEAR_PROBE = "linear-probe"
+KIND_BACKBONE = "backbone"
+KIND_TRANSFER = "transfer"
+KINDS = (KIND_PRETRAIN, KIND_LINEAR_PROBE, KIND_BACKBONE, KIND_TRANSFER)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, unsafe to load, or of the wrong kind. The message names the file."""
+
+
+def _atomic_write(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + rename)."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_pickle_dump(obj: Any, path: PathLike, protocol: int = 2) -> Path:
+    return _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=protocol))
+
+
+def safe_torch_load(path: PathLike, *, allow_pickle: bool = False, map_location: Any = "cpu") -> Any:
+    """Load a torch checkpoint with ``weights_only=True``.
+
+    ``allow_pickle=True`` falls back to full unpickling, which can run arbitrary code: only for files you trust.
+    Raises :class:`CheckpointError` naming the file for missing, truncated or unsafe files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if allow_pickle:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(
+            f"{path}: refusing to unpickle arbitrary objects from this checkpoint (torch.load(weights_only=True) "
+            f"failed: {str(e).splitlines()[0]}). Pass allow_pickle=True (CLI: --allow-pickle) only if you trust "
+            f"the file."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def checkpoint_kind(obj: Any) -> str:
+    """The kind recorded in a checkpoint written by this project, or "" for foreign files."""
+    if isinstance(obj, dict) and isinstance(obj.get("kind"), str):
+        return obj["kind"]
+    return ""
+
+
+def require_kind(obj: Dict[str, Any], kind: str, path: PathLike) -> None:
+    found = checkpoint_kind(obj)
+    if found != kind:
+        raise CheckpointError(f"{path}: expected a checkpoint of kind {kind!r}, found {found or 'no kind field'!r}")

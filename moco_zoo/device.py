@@ -1,0 +1,84 @@
+"""One place that decides device, autocast dtype and distributed backend.
+
+Every engine (pretraining, linear probe, transfer) asks here instead of hard-coding ``.cuda()``, so the same code
+runs on a laptop CPU, a CUDA node, or a ``torchrun`` job across nodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def default_device(requested: Optional[str] = None) -> torch.device:
+    """``requested`` if given ("cpu", "cuda", "cuda:1"), else this rank's CUDA device when present, else CPU."""
+    if requested not in (None, "", "auto"):
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def ddp_backend(device: torch.device) -> str:
+    """nccl for CUDA tensors (when built with it), gloo otherwise (CPU tests, Windows, macOS)."""
+    if device.type == "cuda" and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
+    """Mixed-precision dtype for ``precision`` in {"auto", "fp32", "bf16", "fp16"}; None means full fp32.
+
+    "auto" picks fp16 on CUDA without bf16 support, bf16 on other CUDA devices, and fp32 on CPU (CPU bf16 pays only
+    with channels_last and AMX; the speed benchmarks measure it and users opt in with ``--precision bf16``).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """``torch.autocast`` for ``device`` when ``dtype`` is set, a no-op otherwise."""
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_distributed_from_env(device_request: Optional[str] = None) -> torch.device:
+    """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return this rank's device."""
+    device = default_device(device_request)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=ddp_backend(device))
+    return device
