@@ -1,0 +1,499 @@
+#!/usr/bin/env python
+"""MoCo pretraining throughput: ours vs the original facebookresearch/moco code path, side by side.
+
+    python bench/pretrain_throughput.py --reference /path/to/moco          # full comparison (see bench/README.md)
+    python bench/pretrain_throughput.py --quick --reference /path/to/moco  # smoke run, tiny sizes
+    python bench/pretrain_throughput.py --variants fp32,bf16-cl            # ours only, two precisions
+
+Two modes per configuration (``--configs``, default ResNet-50 at 224 px and ResNet-18 at 64 px):
+
+* ``e2e``: JPEG decode + two augmented views in DataLoader workers + the MoCo step, on an ImageFolder of JPEGs
+  generated with ``moco_zoo.data.write_imagefolder`` (cached under bench/.data or ``--data-dir``).
+* ``step``: the MoCo step alone on in-memory tensors (forward of both encoders, InfoNCE loss, backward, SGD step,
+  momentum update, queue update).
+
+Every measurement runs in its own subprocess (so ``ru_maxrss`` is that configuration's peak memory and nothing
+leaks between runs), with the same torch threads and the same number of DataLoader workers for ours and the
+reference. ``--rounds N`` alternates ours/reference N times and keeps each one's best, which evens out load drift.
+
+Reference mode (``--reference PATH``, a checkout of facebookresearch/moco at commit 4397a04, never copied here):
+their ``moco.builder.MoCo`` with ``torchvision.models.<arch>``, their ``moco.loader.TwoCropsTransform`` and
+``GaussianBlur`` with the augmentation lists of their main_moco.py (rebuilt here with the crop size as the only
+parameter), wrapped in ``DistributedDataParallel`` as their main_worker does, with their ``train()`` loop
+(CrossEntropy, top-1/top-5 accuracy, ``loss.item()``, SGD) driving it. Their main_moco.py imports the package as
+``deeplearning.cross_image_ssl.moco``; the runner aliases that name to PATH's ``moco`` package in ``sys.modules``.
+To run their CUDA code on a CPU, the reference subprocess (only it) makes ``torch.Tensor.cuda`` and
+``torch.nn.Module.cuda`` return ``self`` unchanged, and initialises a single-process gloo group
+(world_size=1, rank=0, file:// init) for their ``concat_all_gather`` / ``_batch_shuffle_ddp``. Their
+``accuracy()`` uses ``.view(-1)`` on a non-contiguous tensor, which current PyTorch rejects; it is replaced by the
+same top-1/top-5 computation written with ``reshape``. Those four shims are the only changes to their code path.
+
+Model FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode``; FLOPs / step time, divided by
+the bf16 matmul peak from bench/results/machine_peak.json (run bench/machine_peak.py first), gives "% of peak".
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import _common as C
+
+# ------------------------------------------------------------------------------------------------ configuration
+DEFAULT_CONFIGS = "resnet50@224:b32,resnet18@64:b128"
+QUICK_CONFIGS = "resnet18@64:b16"
+# Our variants: precision + memory format (+ torch.compile). The reference always runs its own fp32 NCHW code.
+VARIANTS = {
+    "fp32": dict(precision="fp32", channels_last=False, compile=False),
+    "fp32-cl": dict(precision="fp32", channels_last=True, compile=False),
+    "bf16": dict(precision="bf16", channels_last=False, compile=False),
+    "bf16-cl": dict(precision="bf16", channels_last=True, compile=False),
+    "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
+}
+
+
+def parse_config(spec: str) -> Dict[str, Any]:
+    """``resnet50@224:b32`` -> arch, image size, batch; optional ``:k4096`` queue size and ``:s256`` source px."""
+    parts = spec.split(":")
+    arch, size = parts[0].split("@")
+    cfg = {"arch": arch, "image_size": int(size), "batch_size": 32, "K": 65536, "source_size": 0}
+    for p in parts[1:]:
+        if p.startswith("b"):
+            cfg["batch_size"] = int(p[1:])
+        elif p.startswith("k"):
+            cfg["K"] = int(p[1:])
+        elif p.startswith("s"):
+            cfg["source_size"] = int(p[1:])
+        else:
+            raise ValueError(f"bad config part {p!r} in {spec!r}")
+    if not cfg["source_size"]:  # JPEG size: ImageNet-like for 224 crops, the synthetic set's 64 px otherwise
+        cfg["source_size"] = 256 if cfg["image_size"] >= 128 else cfg["image_size"]
+    cfg["name"] = spec
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ timing helpers
+class TimedLoader:
+    """Yields ``warmup + steps`` batches of ``loader`` and records when each was handed out (and when the loop
+    asked for the next one after the last), so time per step includes waiting for data, as training sees it."""
+
+    def __init__(self, loader, warmup: int, steps: int) -> None:
+        self.loader, self.warmup, self.steps = loader, warmup, steps
+        self.stamps: List[float] = []
+
+    def __len__(self) -> int:
+        return self.warmup + self.steps
+
+    def __iter__(self):
+        it = iter(self.loader)
+        for _ in range(self.warmup + self.steps):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(self.loader)
+                batch = next(it)
+            self.stamps.append(time.perf_counter())
+            yield batch
+        self.stamps.append(time.perf_counter())
+
+    def timed_seconds(self) -> float:
+        """Wall time of the timed steps (from handing out batch ``warmup`` to the end of the last step)."""
+        return self.stamps[-1] - self.stamps[self.warmup]
+
+
+class MemoryLoader:
+    """An endless 'loader' of one fixed in-memory batch in the (images, target) format of each code path."""
+
+    def __init__(self, batch) -> None:
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def count_step_flops(step_fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step_fn()
+    return int(fc.get_total_flops())
+
+
+def bf16_peak_gflops() -> Optional[float]:
+    data = C.read_json(C.RESULTS_DIR / "machine_peak.json")
+    if not data or data.get("quick"):
+        return None
+    return float(data["peak_gflops"]["bf16"])
+
+
+# ------------------------------------------------------------------------------------------------ data
+def ensure_imagefolder(data_dir: Path, num_images: int, image_size: int) -> Path:
+    """An ImageFolder of synthetic JPEGs (moco_zoo.data.write_imagefolder); returns its train/ directory."""
+    from moco_zoo.data import write_imagefolder
+
+    out = data_dir / f"imagefolder-n{num_images}-px{image_size}"
+    if not (out / "train").is_dir():
+        with contextlib.suppress(FileExistsError):
+            write_imagefolder(out, num_images=num_images, image_size=image_size, seed=0)
+    return out / "train"
+
+
+# ------------------------------------------------------------------------------------------------ our engine
+def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Our engine (pretrain/): MoCo module + augmentations + data pipeline, driven through its public API."""
+    import torch
+    import torch.nn.functional as F
+
+    from moco_zoo.device import autocast
+    from pretrain.builder import MoCo
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    v = VARIANTS[spec["variant"]]
+    amp_dtype = torch.bfloat16 if v["precision"] == "bf16" else None
+    mf = torch.channels_last if v["channels_last"] else torch.contiguous_format
+    mlp = spec["moco_version"] == "v2"
+    model = MoCo(arch=spec["arch"], dim=128, K=spec["K"], m=0.999, T=0.2 if mlp else 0.07, mlp=mlp,
+                 mechanism="moco", shuffle_bn=spec["shuffle_bn"], shuffle_groups=spec["shuffle_groups"])
+    model = model.to(device=device, memory_format=mf).train()
+    lr = 0.03 * spec["batch_size"] / 256
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_kw = {}
+    if spec.get("sgd_impl") == "foreach":
+        opt_kw["foreach"] = True
+    elif spec.get("sgd_impl") == "fused":
+        opt_kw["fused"] = True
+    optimizer = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=1e-4, **opt_kw)
+    encoder_q, encoder_k = model.encoder_q, model.encoder_k
+    if v["compile"]:
+        model.encoder_q = torch.compile(encoder_q)
+        model.encoder_k = torch.compile(encoder_k)
+    losses: List[torch.Tensor] = []
+
+    def step(im_q, im_k):
+        im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=mf)
+        im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=mf)
+        with autocast(device, amp_dtype):
+            out = model(im_q, im_k)
+            loss = F.cross_entropy(out.logits.float(), out.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_dictionary(out)
+        losses.append(loss.detach())  # no host sync inside the step
+
+    if spec["mode"] == "step":
+        g = torch.Generator().manual_seed(0)
+        b, s = spec["batch_size"], spec["image_size"]
+        batch = ([torch.randn(b, 3, s, s, generator=g), torch.randn(b, 3, s, s, generator=g)], None, None)
+        loader = MemoryLoader(batch)
+    else:
+        from pretrain.augment import TwoCropsTransform, pretrain_transform
+        from pretrain.data import ImageFolderDataset, ResumableBatchSampler, make_loader
+
+        ds = ImageFolderDataset(spec["data"], TwoCropsTransform(pretrain_transform(spec["aug"], spec["image_size"])))
+        sampler = ResumableBatchSampler(len(ds), spec["batch_size"], seed=0)
+        loader = make_loader(ds, sampler, workers=spec["workers"], pin_memory=spec["pin_memory"],
+                             persistent_workers=spec["persistent_workers"], seed=0)
+
+    flops = None
+    if spec["mode"] == "step" and spec.get("count_flops", True):
+        imgs = loader.batch[0]
+        flops = count_step_flops(lambda: step(imgs[0], imgs[1]))
+    timed = TimedLoader(loader, spec["warmup"], spec["steps"])
+    for images, *_ in timed:
+        step(images[0], images[1])
+    seconds = timed.timed_seconds()
+    final_loss = float(torch.stack(losses[-spec["steps"]:]).mean()) if losses else None
+    del timed, loader
+    return {"seconds": seconds, "flops_per_step": flops, "loss": final_loss}
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def setup_reference(ref_path: str, tmpdir: str):
+    """Import facebookresearch/moco from ``ref_path`` with the four documented shims; return its modules."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    ref = str(Path(ref_path).resolve())
+    if not (Path(ref) / "moco" / "builder.py").is_file():
+        raise SystemExit(f"--reference {ref_path}: not a facebookresearch/moco checkout (moco/builder.py missing)")
+    if ref not in sys.path:
+        sys.path.insert(0, ref)
+    # Shim 1: CUDA calls are no-ops in this (CPU) process.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    # Shim 2: a single-process gloo group for concat_all_gather / _batch_shuffle_ddp / DDP.
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmpdir}/pg", world_size=1, rank=0)
+    import moco
+    import moco.builder
+    import moco.loader
+
+    # Shim 3: main_moco.py at 4397a04 imports the package under Meta's internal name.
+    for name in ("deeplearning", "deeplearning.cross_image_ssl"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["deeplearning.cross_image_ssl.moco"] = moco
+    sys.modules["deeplearning.cross_image_ssl.moco.builder"] = moco.builder
+    sys.modules["deeplearning.cross_image_ssl.moco.loader"] = moco.loader
+    import main_moco
+
+    # Shim 4: their accuracy() calls .view(-1) on a non-contiguous slice, which current PyTorch rejects
+    # ("view size is not compatible with input tensor's size and stride"). Replace it with the same top-k count
+    # (topk over the N x (1+K) logits, compare with the targets) using reshape; the work done is unchanged.
+    main_moco.accuracy = topk_accuracy
+    return moco, main_moco
+
+
+def topk_accuracy(output, target, topk=(1,)):
+    """Percentage of rows whose target is among the top-k logits, for each k (as their train loop reports)."""
+    import torch
+
+    with torch.no_grad():
+        _, pred = output.topk(max(topk), 1, True, True)  # N x maxk
+        hit = pred.eq(target.reshape(-1, 1))  # N x maxk
+        return [hit[:, :k].reshape(-1).float().sum(0, keepdim=True).mul_(100.0 / target.size(0)) for k in topk]
+
+
+def reference_augmentation(moco_loader, aug_plus: bool, size: int):
+    """The augmentation list of their main_moco.py (v1, or aug+ for v2), crop size as the only parameter."""
+    import torchvision.transforms as transforms
+
+    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    if aug_plus:
+        return [
+            transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([moco_loader.GaussianBlur([0.1, 2.0])], p=0.5),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    return [
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ]
+
+
+def run_reference(spec: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+    import torch.nn as nn
+    import torchvision.datasets as datasets
+    import torchvision.models as models
+    import torchvision.transforms as transforms
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        moco, main_moco = setup_reference(spec["reference"], tmp)
+        arch = spec["arch"].split(":")[-1]  # torchvision name (timm and torchvision ResNets are the same nets)
+        mlp = spec["moco_version"] == "v2"
+        # As main_worker: MoCo(models.__dict__[arch], dim, K, m, T, mlp); model.cuda(); DDP(model).
+        model = moco.builder.MoCo(models.__dict__[arch], 128, spec["K"], 0.999, 0.2 if mlp else 0.07, mlp)
+        model.cuda()
+        if spec.get("ref_ddp", True):
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        criterion = nn.CrossEntropyLoss().cuda(None)
+        lr = 0.03 * spec["batch_size"] / 256
+        optimizer = torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=1e-4)
+        args = argparse.Namespace(gpu=None, print_freq=10 ** 9, epochs=1, lr=lr, cos=mlp, schedule=[120, 160])
+
+        flops = None
+        if spec["mode"] == "step":
+            g = torch.Generator().manual_seed(0)
+            b, s = spec["batch_size"], spec["image_size"]
+            batch = ([torch.randn(b, 3, s, s, generator=g), torch.randn(b, 3, s, s, generator=g)],
+                     torch.zeros(b, dtype=torch.long))
+            loader = MemoryLoader(batch)
+        else:
+            train_dataset = datasets.ImageFolder(
+                spec["data"], moco.loader.TwoCropsTransform(
+                    transforms.Compose(reference_augmentation(moco.loader, mlp, spec["image_size"]))))
+            loader = torch.utils.data.DataLoader(
+                train_dataset, batch_size=spec["batch_size"], shuffle=True, num_workers=spec["workers"],
+                pin_memory=True, sampler=None, drop_last=True)
+        timed = TimedLoader(loader, spec["warmup"], spec["steps"])
+        # Their train loop prints a progress line at i == 0: keep it off our stdout (which carries the JSON).
+        with contextlib.redirect_stdout(sys.stderr):
+            main_moco.train(timed, model, criterion, optimizer, 0, args)
+        seconds = timed.timed_seconds()
+        del timed, loader
+        torch.distributed.destroy_process_group()
+    return {"seconds": seconds, "flops_per_step": flops, "loss": None}
+
+
+# ------------------------------------------------------------------------------------------------ worker process
+def worker_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    res = run_reference(spec) if spec["impl"] == "reference" else run_ours(spec)
+    res["img_s"] = spec["batch_size"] * spec["steps"] / res["seconds"]
+    res["step_s"] = res["seconds"] / spec["steps"]
+    res["peak_rss_mb"] = C.peak_rss_mb()
+    res["workers_peak_rss_mb"] = C.children_peak_rss_mb()
+    res["threads"] = torch.get_num_threads()
+    res["wall_s"] = time.perf_counter() - t0
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+def run_in_subprocess(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def best(a: Optional[Dict[str, Any]], b: Dict[str, Any]) -> Dict[str, Any]:
+    if a is None or "error" in a:
+        return b
+    if "error" in b:
+        return a
+    keep = dict(a if a["img_s"] >= b["img_s"] else b)
+    keep["all_img_s"] = a.get("all_img_s", [a["img_s"]]) + [b["img_s"]]
+    return keep
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.common_args(parser, "pretrain_throughput")
+    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--reference", default=None,
+                        help="path to a facebookresearch/moco checkout at commit 4397a04 (adds reference runs)")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma list of ARCH@SIZE[:bBATCH][:kK][:sSOURCE_PX] (default {DEFAULT_CONFIGS})")
+    parser.add_argument("--modes", default="e2e,step", help="e2e (JPEG decode + augment + step) and/or step")
+    parser.add_argument("--variants", default="fp32,bf16-cl", help=f"our variants: {','.join(VARIANTS)}")
+    parser.add_argument("--moco-version", default="v2", choices=("v1", "v2"), help="head, T and augmentation")
+    parser.add_argument("--shuffle-bn", default="split", choices=("split", "off"),
+                        help="our single-process shuffle BN (the reference runs its DDP shuffle on one rank)")
+    parser.add_argument("--shuffle-groups", type=int, default=8)
+    parser.add_argument("--sgd-impl", default="default", choices=("default", "foreach", "fused"))
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (same for ours and reference)")
+    parser.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--ref-ddp", action=argparse.BooleanOptionalAction, default=True,
+                        help="wrap the reference in DistributedDataParallel as its main_worker does")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (DataLoader start-up, allocator)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 3 at >=128 px, 8 below)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate ours/reference this many times, keep best")
+    parser.add_argument("--data-dir", default=str(C.BENCH_DIR / ".data"), help="where the JPEG ImageFolders go")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="per-run timeout in seconds")
+    args = parser.parse_args(argv)
+    if args._worker:
+        return worker_main(args._worker)
+
+    if args.quick:
+        args.configs = args.configs or QUICK_CONFIGS
+        args.warmup, args.steps = 1, 2
+    configs = [parse_config(s) for s in (args.configs or DEFAULT_CONFIGS).split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    modes = [m for m in args.modes.split(",") if m]
+    C.set_threads(args.threads)
+    info = C.machine_info()
+    C.print_header("MoCo pretraining throughput (ours vs facebookresearch/moco@4397a04)", info)
+    peak = bf16_peak_gflops()
+
+    rows: List[Dict[str, Any]] = []
+    for cfg in configs:
+        steps = args.steps or (3 if cfg["image_size"] >= 128 else 8)
+        data = None
+        if "e2e" in modes:
+            n_images = max(4 * cfg["batch_size"] * (args.warmup + steps) // 3, 64)
+            data = str(ensure_imagefolder(Path(args.data_dir), int(n_images / 0.75) + 16, cfg["source_size"]))
+        for mode in modes:
+            base = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"], K=cfg["K"],
+                        moco_version=args.moco_version, aug=args.moco_version, mode=mode, data=data,
+                        workers=args.workers, pin_memory=args.pin_memory,
+                        persistent_workers=args.persistent_workers, warmup=args.warmup, steps=steps,
+                        threads=args.threads, shuffle_bn=args.shuffle_bn, shuffle_groups=args.shuffle_groups,
+                        sgd_impl=args.sgd_impl, reference=args.reference, ref_ddp=args.ref_ddp)
+            results: Dict[str, Optional[Dict[str, Any]]] = {v: None for v in variants}
+            ref: Optional[Dict[str, Any]] = None
+            for _ in range(args.rounds):
+                for v in variants:
+                    r = run_in_subprocess(dict(base, impl="ours", variant=v), args.timeout)
+                    results[v] = best(results[v], r)
+                    print(f"  ours {v:16s} {cfg['name']} {mode}: " +
+                          (r["error"] if "error" in r else f"{r['img_s']:.1f} img/s"), file=sys.stderr)
+                if args.reference:
+                    r = run_in_subprocess(dict(base, impl="reference", variant="reference"), args.timeout)
+                    ref = best(ref, r)
+                    print(f"  reference        {cfg['name']} {mode}: " +
+                          (r["error"] if "error" in r else f"{r['img_s']:.1f} img/s"), file=sys.stderr)
+            flops = next((r.get("flops_per_step") for r in results.values() if r and r.get("flops_per_step")), None)
+            for v, r in results.items():
+                row = {"config": cfg["name"], "mode": mode, "variant": v, "ours": r}
+                if r and "error" not in r:
+                    row["ours_img_s"] = r["img_s"]
+                    row["ours_rss_mb"] = r["peak_rss_mb"]
+                    if flops:
+                        row["gflops"] = flops / r["step_s"] / 1e9
+                        row["pct_peak"] = 100.0 * row["gflops"] / peak if peak else None
+                else:
+                    row["error"] = (r or {}).get("error")
+                if ref is not None:
+                    row["reference"] = ref
+                    if "error" not in ref:
+                        row["ref_img_s"] = ref["img_s"]
+                        row["ref_rss_mb"] = ref["peak_rss_mb"]
+                        if row.get("ours_img_s"):
+                            row["ratio"] = row["ours_img_s"] / ref["img_s"]
+                    else:
+                        row["ref_error"] = ref["error"]
+                row["flops_per_step"] = flops
+                rows.append(row)
+
+    print(C.markdown_table(rows, ["config", "mode", "variant", "ours_img_s", "ref_img_s", "ratio", "ours_rss_mb",
+                                  "ref_rss_mb", "gflops", "pct_peak"],
+                           ["config", "mode", "ours variant", "ours img/s", "reference img/s", "ours/ref",
+                            "ours peak RSS MiB", "ref peak RSS MiB", "step model GFLOP/s", "% bf16 matmul peak"],
+                           digits=2))
+    for r in rows:
+        if r.get("error") or r.get("ref_error"):
+            print(f"\n{r['config']} {r['mode']} {r['variant']}: {r.get('error') or ''} {r.get('ref_error') or ''}")
+    if peak is None:
+        print("\n(% of peak needs bench/results/machine_peak.json from a full `python bench/machine_peak.py` run)")
+    print(f"\nthreads {info['torch_threads']}, DataLoader workers {args.workers}, pin_memory {args.pin_memory}, "
+          f"persistent_workers {args.persistent_workers}, shuffle BN (ours) {args.shuffle_bn}, "
+          f"reference DDP {args.ref_ddp}, MoCo {args.moco_version}\n")
+    path = C.write_json("pretrain_throughput", {
+        "machine": info, "contention": C.contention_note(info) or None, "quick": args.quick,
+        "bf16_peak_gflops": peak, "args": {k: v for k, v in vars(args).items() if k != "_worker"}, "rows": rows,
+    }, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

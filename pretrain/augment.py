@@ -1,0 +1,93 @@
+"""Data augmentation of MoCo v1 (arXiv:1911.05722, Sec. 4) and MoCo v2 "aug+" (arXiv:2003.04297), two views.
+
+v1: RandomResizedCrop(scale 0.2-1), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), horizontal flip.
+v2: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale(0.2),
+    Gaussian blur with sigma ~ U[0.1, 2.0] with p=0.5, horizontal flip.
+Both end with ToTensor and ImageNet mean/std normalisation. Randomness comes from the ``torch`` and ``random``
+global generators, which the data set seeds per sample (see :mod:`pretrain.data`) for exact resumption.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, List, Sequence, Tuple
+
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with a radius (sigma) drawn uniformly from ``sigma`` (SimCLR-style, used by MoCo v2)."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)) -> None:
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+def normalize() -> T.Normalize:
+    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def moco_v1_transform(size: int = 224) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomGrayscale(p=0.2),
+        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize(),
+    ])
+
+
+def moco_v2_transform(size: int = 224) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize(),
+    ])
+
+
+def pretrain_transform(recipe: str, size: int = 224) -> T.Compose:
+    if recipe == "v1":
+        return moco_v1_transform(size)
+    if recipe == "v2":
+        return moco_v2_transform(size)
+    raise ValueError(f"unknown augmentation recipe {recipe!r}: expected v1 or v2")
+
+
+class TwoCropsTransform:
+    """Two independent augmentations of the same image: (query view, key view)."""
+
+    def __init__(self, base: Callable) -> None:
+        self.base = base
+
+    def __call__(self, img: Image.Image) -> List:
+        return [self.base(img), self.base(img)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base!r})"
+
+
+def eval_transform(size: int = 224) -> T.Compose:
+    """Center-crop evaluation: resize the short side to size * 256/224, then crop ``size``."""
+    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), normalize()])
+
+
+def linear_train_transform(size: int = 224) -> T.Compose:
+    """Linear-probe training augmentation (RandomResizedCrop default scale + flip), as the protocol uses."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize()])
+
+
+def view_shape(size: int) -> Tuple[int, int, int]:
+    return (3, size, size)

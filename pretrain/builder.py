@@ -1,0 +1,217 @@
+"""The MoCo module: Momentum Contrast for unsupervised visual representation learning.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", arXiv:1911.05722 (MoCo v1);
+Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv:2003.04297 (MoCo v2).
+
+One training step, as in the paper's Algorithm 1::
+
+    f_k.params = m * f_k.params + (1 - m) * f_q.params      # momentum update (before computing keys)
+    q = normalize(f_q(x_q))                                   # NxC
+    k = normalize(f_k(x_k)).detach()                          # NxC, shuffled BN, no gradient
+    l_pos = (q * k).sum(1)                                    # Nx1
+    l_neg = q @ queue                                         # NxK
+    loss = CrossEntropy(cat([l_pos, l_neg]) / T, zeros(N))   # positives at index 0
+    loss.backward(); optimizer.step()
+    enqueue(k); dequeue()                                     # FIFO queue of K keys (update_dictionary)
+
+The two other mechanisms of the paper's Figure 3 differ only in where the negatives come from:
+
+* ``end2end``: keys are encoded by the query encoder *with* gradient; the dictionary is the current batch
+  (gathered over all ranks), so K = global batch - 1.
+* ``memory_bank`` (Wu et al. 2018): one stored feature per training sample; K negatives sampled at random from the
+  bank (no gradient); the positive key is the query encoder's feature of the other view (no gradient); the bank
+  entries of the batch are updated with momentum: v <- normalize(b * v + (1 - b) * k), b = 0.5.
+
+The dictionary update happens in :meth:`MoCo.update_dictionary`, called *after* ``loss.backward()``, so the queue is
+never cloned: ``l_neg = q @ queue`` saves the queue for the backward pass, and it is only modified afterwards.
+"""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco_zoo.device import is_distributed, rank, world_size
+
+from .heads import backbone_features, build_encoder
+from .shuffle_bn import (SplitBatchNorm2d, batch_shuffle_ddp, batch_shuffle_single, batch_unshuffle_ddp,
+                         batch_unshuffle_single, concat_all_gather)
+
+
+class MocoOutput(NamedTuple):
+    """What one forward pass produces: logits (already divided by T), targets, and what the dictionary update needs."""
+
+    logits: torch.Tensor  # Nx(1+K)  (end2end: Nx(W*N))
+    labels: torch.Tensor  # N, int64
+    keys: Optional[torch.Tensor] = None  # NxC normalised keys of this rank (no grad)
+    index: Optional[torch.Tensor] = None  # N dataset indices (memory_bank)
+
+
+def infonce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of InfoNCE (Eq. 1 of arXiv:1911.05722). q, k: NxC; negatives: CxK -> Nx(1+K), divided by T."""
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # Nx1
+    l_neg = torch.mm(q, negatives.to(q.dtype))  # NxK
+    return torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+K)
+
+
+class MoCo(nn.Module):
+    """Query encoder, momentum key encoder and dictionary (queue / batch / memory bank).
+
+    Args:
+        arch: timm ResNet name or ``tv:<torchvision name>``.
+        dim: feature dimension C (128).
+        K: queue size (moco) or number of sampled negatives (memory_bank); unused by end2end.
+        m: key-encoder momentum (0.999); may be changed between steps (cosine schedule).
+        T: softmax temperature (0.07 v1, 0.2 v2).
+        mlp: v2 MLP head instead of the v1 linear head.
+        mechanism: "moco" | "end2end" | "memory_bank".
+        shuffle_bn: "ddp" | "split" | "off" (resolved; see :mod:`pretrain.shuffle_bn`).
+        shuffle_groups: G of the split emulation.
+        bank_size: number of training samples (memory_bank).
+        bank_momentum: momentum of the stored features (memory_bank, 0.5).
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07,
+                 mlp: bool = False, mechanism: str = "moco", shuffle_bn: str = "split", shuffle_groups: int = 8,
+                 bank_size: int = 0, bank_momentum: float = 0.5) -> None:
+        super().__init__()
+        if mechanism not in ("moco", "end2end", "memory_bank"):
+            raise ValueError(f"unknown mechanism {mechanism!r}: expected moco, end2end or memory_bank")
+        if shuffle_bn not in ("ddp", "split", "off"):
+            raise ValueError(f"unresolved shuffle_bn mode {shuffle_bn!r}: expected ddp, split or off")
+        self.K, self.m, self.T, self.dim = int(K), float(m), float(T), int(dim)
+        self.mechanism, self.shuffle_bn, self.bank_momentum = mechanism, shuffle_bn, float(bank_momentum)
+
+        self.encoder_q, self.feat_dim = build_encoder(arch, dim, mlp)
+        if shuffle_bn == "split":
+            SplitBatchNorm2d.convert(self.encoder_q, shuffle_groups)
+
+        if mechanism == "moco":
+            self.encoder_k = copy.deepcopy(self.encoder_q)  # initialised as a copy of the query encoder
+            for p in self.encoder_k.parameters():
+                p.requires_grad_(False)  # the key encoder is not updated by back-propagation
+            self.register_buffer("queue", F.normalize(torch.randn(dim, self.K), dim=0))  # CxK
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        elif mechanism == "memory_bank":
+            if bank_size <= 0:
+                raise ValueError("memory_bank needs bank_size = number of training samples (> 0)")
+            if self.K >= bank_size:
+                raise ValueError(f"memory_bank: K={self.K} sampled negatives must be smaller than the number of "
+                                 f"training samples ({bank_size}); lower --moco-k")
+            self.register_buffer("memory_bank", F.normalize(torch.randn(bank_size, dim), dim=1))  # NdataxC
+
+    # ------------------------------------------------------------------ no-grad building blocks
+    @torch.no_grad()
+    def momentum_update_key_encoder(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q over parameters (fused foreach ops); buffers are copied."""
+        pk = [p for p in self.encoder_k.parameters()]
+        pq = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_mul_(pk, self.m)
+        torch._foreach_add_(pk, pq, alpha=1.0 - self.m)
+        bk = [b for b in self.encoder_k.buffers()]
+        if bk:
+            torch._foreach_copy_(bk, [b for b in self.encoder_q.buffers()])
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """FIFO update. keys: NxC from this rank; keys of all ranks are gathered so every rank keeps the same queue.
+
+        Any K and any batch size: positions wrap around the end of the queue (no ``K % N == 0`` assert), and a
+        batch larger than K keeps its newest K keys.
+        """
+        keys = concat_all_gather(keys)  # (W*N)xC
+        n = keys.shape[0]
+        ptr = int(self.queue_ptr[0])
+        if n >= self.K:
+            start = ptr + n - self.K  # only the newest K keys survive
+            keys, n_write = keys[-self.K:], self.K
+        else:
+            start, n_write = ptr, n
+        cols = (start + torch.arange(n_write, device=keys.device)) % self.K
+        self.queue[:, cols] = keys.T.to(self.queue.dtype)  # CxN
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    @torch.no_grad()
+    def update_memory_bank(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+        """v_i <- normalize(b v_i + (1 - b) k_i) for the batch's samples (gathered over ranks)."""
+        keys, index = concat_all_gather(keys), concat_all_gather(index)
+        b = self.bank_momentum
+        new = F.normalize(self.memory_bank[index] * b + keys.to(self.memory_bank.dtype) * (1.0 - b), dim=1)
+        self.memory_bank.index_copy_(0, index, new)
+
+    @torch.no_grad()
+    def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """k = normalize(f_k(x_k)) with shuffled BN. im_k: NxCxHxW -> NxC (no gradient)."""
+        if self.shuffle_bn == "ddp":
+            im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
+            return batch_unshuffle_ddp(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
+        if self.shuffle_bn == "split":
+            im_k, idx_unshuffle = batch_shuffle_single(im_k)
+            return batch_unshuffle_single(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
+        return F.normalize(self.encoder_k(im_k), dim=1)
+
+    # ------------------------------------------------------------------ forward per mechanism
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: Optional[torch.Tensor] = None) -> MocoOutput:
+        """im_q, im_k: two views NxCxHxW; index: N dataset indices (memory_bank only)."""
+        if self.mechanism == "end2end":
+            return self._forward_end2end(im_q, im_k)
+        if self.mechanism == "memory_bank":
+            if index is None:
+                raise ValueError("memory_bank needs the dataset indices of the batch (forward(im_q, im_k, index))")
+            return self._forward_memory_bank(im_q, im_k, index)
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        with torch.no_grad():
+            self.momentum_update_key_encoder()
+            k = self.encode_keys(im_k)  # NxC
+        logits = infonce_logits(q, k, self.queue, self.T)  # Nx(1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return MocoOutput(logits, labels, keys=k)
+
+    def _forward_end2end(self, im_q: torch.Tensor, im_k: torch.Tensor) -> MocoOutput:
+        n = im_q.shape[0]
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        if self.shuffle_bn == "split":  # shuffle so a key's BN group differs from its query's
+            im_k, idx_unshuffle = batch_shuffle_single(im_k)
+            k = batch_unshuffle_single(F.normalize(self.encoder_q(im_k), dim=1), idx_unshuffle)
+        else:
+            k = F.normalize(self.encoder_q(im_k), dim=1)  # NxC, with gradient
+        if is_distributed() and world_size() > 1:
+            import torch.distributed.nn.functional as dnnf
+
+            k_all = torch.cat(dnnf.all_gather(k), dim=0)  # (W*N)xC, differentiable
+        else:
+            k_all = k
+        logits = torch.mm(q, k_all.T) / self.T  # Nx(W*N): the positive of row i is column rank*N + i
+        labels = torch.arange(n, device=q.device) + rank() * n
+        return MocoOutput(logits, labels)
+
+    def _forward_memory_bank(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor) -> MocoOutput:
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        with torch.no_grad():
+            k = F.normalize(self.encoder_q(im_k), dim=1)  # NxC, positive key, no gradient
+            neg_idx = torch.randint(0, self.memory_bank.shape[0], (self.K,), device=q.device)
+            negatives = self.memory_bank[neg_idx].T  # CxK (a copy: the bank may be updated before backward)
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # Nx1
+        l_neg = torch.mm(q, negatives.to(q.dtype))  # NxK
+        # A sampled "negative" that is the query's own sample is not a negative: mask it out.
+        own = neg_idx.unsqueeze(0) == index.to(q.device).unsqueeze(1)  # NxK
+        logits = torch.cat([l_pos, l_neg.masked_fill(own, float("-inf"))], dim=1) / self.T  # Nx(1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return MocoOutput(logits, labels, keys=k, index=index.to(q.device))
+
+    @torch.no_grad()
+    def update_dictionary(self, out: MocoOutput) -> None:
+        """After ``loss.backward()``: enqueue the keys (moco) or update the memory bank (memory_bank)."""
+        if self.mechanism == "moco":
+            self.dequeue_and_enqueue(out.keys)
+        elif self.mechanism == "memory_bank":
+            self.update_memory_bank(out.keys, out.index)
+
+    # ------------------------------------------------------------------ evaluation helpers
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features of the query encoder (for the kNN monitor). x: NxCxHxW -> NxD."""
+        return backbone_features(self.encoder_q, x)

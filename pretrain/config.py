@@ -1,0 +1,222 @@
+"""Configuration of a MoCo pretraining run: paper presets (v1, v2) plus command-line overrides.
+
+``--moco-version v1`` / ``v2`` selects the defaults of MoCo v1 (arXiv:1911.05722) or MoCo v2 (arXiv:2003.04297);
+every flag given explicitly on the command line overrides its preset value.
+
+Batch size and learning rate (single process and ``torchrun`` alike):
+
+* ``--batch-size`` is the **global** batch over all ranks, as in the original code; each of the ``W`` ranks
+  processes ``batch_size / W`` images per step (it must divide evenly).
+* ``--lr`` is the base learning rate for a global batch of 256; the optimizer uses
+  ``lr * batch_size / 256`` (``--lr-scaling linear``, the default) or ``lr`` unchanged (``--lr-scaling none``).
+  The papers' 0.03 for a batch of 256 is therefore kept when you change the number of GPUs/nodes but not the
+  global batch, and scaled linearly when you change the global batch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+MECHANISMS = ("moco", "end2end", "memory_bank")
+SHUFFLE_BN_MODES = ("auto", "ddp", "split", "off")
+
+# Paper defaults per version (everything not listed here has the same default for both).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # MoCo v1: linear head to 128-d, T=0.07, v1 augmentation, lr x0.1 at epochs 120 and 160 of 200.
+    "v1": {"mlp": False, "temperature": 0.07, "aug": "v1", "lr_schedule": "step"},
+    # MoCo v2: 2-layer MLP head, T=0.2, "aug+" (blur, weaker hue jitter), cosine learning-rate schedule.
+    "v2": {"mlp": True, "temperature": 0.2, "aug": "v2", "lr_schedule": "cosine"},
+}
+
+
+@dataclass
+class MocoConfig:
+    """All settings of a pretraining run (json-able; stored in every checkpoint)."""
+
+    data: str = "synthetic"
+    arch: str = "resnet50"
+    moco_version: str = "v2"
+    mechanism: str = "moco"
+    # model
+    dim: int = 128
+    num_negatives: int = 65536  # K: queue length (moco) or sampled negatives (memory_bank)
+    momentum: float = 0.999  # m of the key encoder
+    momentum_schedule: str = "fixed"  # fixed | cosine (m -> 1 over training)
+    temperature: float = 0.2
+    mlp: bool = True
+    bank_momentum: float = 0.5  # memory_bank: v <- normalize(0.5 v + 0.5 k)
+    shuffle_bn: str = "auto"
+    shuffle_groups: int = 8  # G of the single-device split-BN emulation (like 8 GPUs of the papers)
+    # data / augmentation
+    aug: str = "v2"
+    image_size: int = 224
+    workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = False
+    synthetic_images: int = 800  # --data synthetic: number of generated images
+    synthetic_size: int = 64  # --data synthetic: generated image size
+    # optimisation
+    epochs: int = 200
+    batch_size: int = 256  # global over all ranks
+    lr: float = 0.03  # for a global batch of 256
+    lr_scaling: str = "linear"
+    lr_schedule: str = "cosine"  # step | cosine
+    lr_steps: List[int] = field(default_factory=lambda: [120, 160])  # of 200 epochs; scaled to --epochs
+    warmup_epochs: float = 0.0
+    weight_decay: float = 1e-4
+    sgd_momentum: float = 0.9
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: run all epochs)
+    # performance
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto
+    channels_last: bool = False
+    compile: bool = False
+    # bookkeeping
+    seed: int = 0
+    output_dir: str = "runs/moco"
+    save_every_steps: int = 0  # 0: only at epoch ends
+    keep_checkpoints: int = 2
+    resume: str = ""  # "" (fresh), "auto" (newest valid checkpoint in output_dir) or a checkpoint path
+    log_every_steps: int = 10
+    progress: bool = True
+    plots: bool = True
+    # kNN monitor
+    knn_every: int = 1  # epochs; 0 disables
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_data: str = ""  # labelled ImageFolder root with train/ and val/ (default: DATA when it has them)
+    knn_max_train: int = 0  # 0: all
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "MocoConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> "MocoConfig":
+        if self.moco_version not in PRESETS:
+            raise ValueError(f"--moco-version must be one of {sorted(PRESETS)}, got {self.moco_version!r}")
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"--mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        if self.shuffle_bn not in SHUFFLE_BN_MODES:
+            raise ValueError(f"--shuffle-bn must be one of {SHUFFLE_BN_MODES}, got {self.shuffle_bn!r}")
+        if self.aug not in ("v1", "v2"):
+            raise ValueError(f"--aug must be v1 or v2, got {self.aug!r}")
+        if self.lr_schedule not in ("step", "cosine"):
+            raise ValueError(f"--lr-schedule must be step or cosine, got {self.lr_schedule!r}")
+        if self.momentum_schedule not in ("fixed", "cosine"):
+            raise ValueError(f"--momentum-schedule must be fixed or cosine, got {self.momentum_schedule!r}")
+        if self.lr_scaling not in ("linear", "none"):
+            raise ValueError(f"--lr-scaling must be linear or none, got {self.lr_scaling!r}")
+        if self.num_negatives < 1:
+            raise ValueError(f"--moco-k must be >= 1, got {self.num_negatives}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"--moco-m must be in [0, 1], got {self.momentum}")
+        if self.temperature <= 0:
+            raise ValueError(f"--moco-t must be > 0, got {self.temperature}")
+        if self.batch_size < 2:
+            raise ValueError(f"--batch-size must be >= 2, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        return self
+
+
+# flag name -> (config field, type/kind, help). kind "bool" gives --x / --no-x.
+_FLAGS: Sequence[tuple] = (
+    ("--arch", "arch", str, "backbone: timm name (resnet18/34/50/101, wide_resnet50_2, ...) or tv:NAME (torchvision)"),
+    ("--moco-version", "moco_version", str, "paper preset: v1 or v2 (sets head, T, augmentation, lr schedule)"),
+    ("--mechanism", "mechanism", str, "contrastive mechanism: moco | end2end | memory_bank (paper Fig. 3)"),
+    ("--moco-dim", "dim", int, "feature dimension (128)"),
+    ("--moco-k", "num_negatives", int, "queue size K (moco) / sampled negatives (memory_bank)"),
+    ("--moco-m", "momentum", float, "key-encoder momentum m (0.999)"),
+    ("--momentum-schedule", "momentum_schedule", str, "fixed | cosine (m increases to 1 over training)"),
+    ("--moco-t", "temperature", float, "softmax temperature T (v1 0.07, v2 0.2)"),
+    ("--mlp", "mlp", "bool", "MLP projection head (v2) instead of a linear one (v1)"),
+    ("--bank-momentum", "bank_momentum", float, "memory_bank: momentum of the stored features (0.5)"),
+    ("--shuffle-bn", "shuffle_bn", str, "auto | ddp | split | off (auto: ddp under torchrun, split on one device)"),
+    ("--shuffle-groups", "shuffle_groups", int, "split mode: number of BN groups G (8)"),
+    ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),
+    ("--image-size", "image_size", int, "crop size (224)"),
+    ("-j", "workers", int, "DataLoader worker processes per rank"),
+    ("--pin-memory", "pin_memory", "bool", "pinned host memory for batches"),
+    ("--persistent-workers", "persistent_workers", "bool", "keep DataLoader workers alive between epochs"),
+    ("--synthetic-images", "synthetic_images", int, "--data synthetic: number of images"),
+    ("--synthetic-size", "synthetic_size", int, "--data synthetic: image size in pixels"),
+    ("--epochs", "epochs", int, "number of epochs"),
+    ("-b", "batch_size", int, "GLOBAL batch size over all ranks (per rank: batch / world size)"),
+    ("--lr", "lr", float, "base learning rate for a global batch of 256 (0.03)"),
+    ("--lr-scaling", "lr_scaling", str, "linear (lr x batch/256, default) | none"),
+    ("--lr-schedule", "lr_schedule", str, "step | cosine"),
+    ("--lr-steps", "lr_steps", "ints", "step schedule milestones in epochs of a 200-epoch run (scaled to --epochs)"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warmup length in epochs (0)"),
+    ("--wd", "weight_decay", float, "weight decay (1e-4)"),
+    ("--sgd-momentum", "sgd_momentum", float, "SGD momentum (0.9)"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps (0: all epochs)"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--precision", "precision", str, "fp32 | bf16 | fp16 | auto (autocast)"),
+    ("--channels-last", "channels_last", "bool", "channels_last memory format (pays with bf16 on CPU/GPU)"),
+    ("--compile", "compile", "bool", "torch.compile the encoders"),
+    ("--seed", "seed", int, "random seed"),
+    ("--output-dir", "output_dir", str, "checkpoints, metrics.jsonl and plots go here"),
+    ("--save-every-steps", "save_every_steps", int, "also checkpoint every N steps (0: epoch ends only)"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "number of newest step checkpoints to keep"),
+    ("--resume", "resume", str, "'auto' (newest valid checkpoint in --output-dir) or a checkpoint path"),
+    ("--log-every-steps", "log_every_steps", int, "JSONL metrics every N steps"),
+    ("--progress", "progress", "bool", "tqdm progress bar"),
+    ("--plots", "plots", "bool", "PNG plots of loss and kNN accuracy"),
+    ("--knn-every", "knn_every", int, "kNN monitor every N epochs (0: off)"),
+    ("--knn-k", "knn_k", int, "kNN neighbours (200)"),
+    ("--knn-t", "knn_t", float, "kNN temperature (0.1)"),
+    ("--knn-data", "knn_data", str, "labelled ImageFolder root with train/ and val/ for the kNN monitor"),
+    ("--knn-max-train", "knn_max_train", int, "cap on kNN memory images (0: all)"),
+)
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """Parser whose defaults are all ``None`` so that presets apply unless a flag is given."""
+    p = parser or argparse.ArgumentParser(
+        description="MoCo v1/v2 pretraining (arXiv:1911.05722, arXiv:2003.04297)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data", nargs="?", default=None, help="ImageFolder root (DATA/train/<class>/* or DATA/<class>/*), "
+                   "or 'synthetic' to generate the embedded data set")
+    p.add_argument("--data", dest="data_opt", default=None, help="same as the positional DATA")
+    for flag, name, kind, help_ in _FLAGS:
+        extra = [f"--{name.replace('_', '-')}"] if flag in ("-j", "-b") else []
+        if kind == "bool":
+            p.add_argument(flag, *extra, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif kind == "ints":
+            p.add_argument(flag, *extra, dest=name, type=int, nargs="+", default=None, help=help_)
+        else:
+            p.add_argument(flag, *extra, dest=name, type=kind, default=None, help=help_)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> MocoConfig:
+    """Dataclass defaults < ``--moco-version`` preset < explicit flags."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    version = given.get("moco_version", MocoConfig.moco_version)
+    if version not in PRESETS:
+        raise ValueError(f"--moco-version must be one of {sorted(PRESETS)}, got {version!r}")
+    values: Dict[str, Any] = dict(PRESETS[version])
+    data = given.pop("data_opt", None) or given.pop("data", None)
+    given.pop("data", None)
+    values.update(given)
+    if data is not None:
+        values["data"] = data
+    return MocoConfig.from_dict(values).validate()
+
+
+def make_config(**overrides: Any) -> MocoConfig:
+    """Programmatic equivalent of the CLI: preset of ``moco_version`` then ``overrides``."""
+    version = overrides.get("moco_version", MocoConfig.moco_version)
+    values = dict(PRESETS.get(version, {}))
+    values.update(overrides)
+    unknown = set(values) - {f.name for f in dataclasses.fields(MocoConfig)}
+    if unknown:
+        raise TypeError(f"unknown config fields: {sorted(unknown)}")
+    return MocoConfig(**values).validate()

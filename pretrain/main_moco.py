@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""MoCo v1/v2 pretraining (arXiv:1911.05722, arXiv:2003.04297).
+
+Single process:   python pretrain/main_moco.py DATA --arch resnet50 --moco-version v2 --epochs 200 -b 256
+DDP (any nodes):  torchrun --nproc_per_node=8 pretrain/main_moco.py DATA --arch resnet50 -b 256
+Synthetic data:   python pretrain/main_moco.py --data synthetic --arch resnet18 --image-size 64 -b 64 --epochs 20
+
+``-b/--batch-size`` is the GLOBAL batch (each of W ranks gets batch/W); the lr is ``--lr x batch/256``.
+``--resume auto`` continues from the newest valid checkpoint in ``--output-dir``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.config import build_parser, config_from_args  # noqa: E402
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    from moco_zoo.checkpoint import CheckpointError
+    from pretrain.data import DataError
+    from pretrain.engine import train
+    from pretrain.heads import UnknownArchError
+
+    try:
+        summary = train(cfg)
+    except (DataError, UnknownArchError, CheckpointError, FileNotFoundError) as e:
+        print(f"main_moco: error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: global step {summary['global_step']}, checkpoint {summary['checkpoint']}"
+          + (f", kNN top-1 {summary['knn'].get('knn_top1', float('nan')):.2f}%" if summary["knn"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

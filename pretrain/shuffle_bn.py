@@ -1,0 +1,153 @@
+"""Shuffling BN (arXiv:1911.05722, Sec. 3.3): keep BN statistics from leaking between a query and its positive key.
+
+With BN, the statistics of a mini-batch mix information across its samples, so a model can "cheat" the pretext task
+by recognising the sub-batch a positive came from. MoCo encodes the keys with the sample order shuffled across GPUs
+(each GPU computes BN over its own sub-batch), then restores the order.
+
+* ``ddp``: the real thing across ranks: gather all keys' images, apply one permutation shared by every rank
+  (drawn on rank 0 and broadcast), let each rank encode its slice, then gather and undo the permutation.
+* ``split``: an emulation on one device. Every BatchNorm of both encoders becomes a :class:`SplitBatchNorm2d` that
+  normalises G groups of the batch separately (like G GPUs with N/G samples each); the key batch is shuffled before
+  the key encoder and unshuffled afterwards, so a key's BN group is a random subset that almost never matches the
+  group of its query.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco_zoo.device import is_distributed, rank, world_size
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0; identity without DDP. No gradient."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle the global batch across ranks. x: NxCxHxW (local) -> (this rank's shuffled NxCxHxW, unshuffle index)."""
+    n_local = x.shape[0]
+    x_all = concat_all_gather(x)  # (W*N)xCxHxW
+    perm = torch.randperm(x_all.shape[0], device=x.device) if rank() == 0 else torch.empty(
+        x_all.shape[0], dtype=torch.long, device=x.device)
+    if is_distributed():
+        dist.broadcast(perm, src=0)  # one permutation shared by all ranks
+    idx_unshuffle = torch.argsort(perm)
+    mine = perm.view(world_size(), n_local)[rank()]
+    return x_all[mine], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`batch_shuffle_ddp` on the encoded keys. x: NxC (local, shuffled) -> NxC in the original order."""
+    n_local = x.shape[0]
+    x_all = concat_all_gather(x)  # (W*N)xC, in shuffled order
+    mine = idx_unshuffle.view(world_size(), n_local)[rank()]
+    return x_all[mine]
+
+
+def batch_shuffle_single(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Random permutation of the batch on one device. x: NxCxHxW -> (shuffled x, unshuffle index)."""
+    perm = torch.randperm(x.shape[0], device=x.device)
+    return x[perm], torch.argsort(perm)
+
+
+def batch_unshuffle_single(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    return x[idx_unshuffle]
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training mode, normalises ``num_splits`` groups of the batch independently.
+
+    Sample ``i`` belongs to group ``i % G`` (the batch is folded into the channel dimension: NxCxHxW ->
+    (N/G)x(G*C)xHxW, one BN call). Running statistics are the average of the groups' updates. In eval mode it is a
+    plain BatchNorm2d, and its parameters/buffers have the same names, so state dicts are interchangeable.
+    Batches not divisible by G are split into G nearly equal contiguous groups instead.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kw) -> None:
+        super().__init__(num_features, **kw)
+        self.num_splits = int(num_splits)
+
+    @classmethod
+    def convert(cls, module: nn.Module, num_splits: int) -> nn.Module:
+        """Replace every BatchNorm2d in ``module`` (in place) by a SplitBatchNorm2d sharing its tensors."""
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and not isinstance(child, cls):
+                new = cls(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                          affine=child.affine, track_running_stats=child.track_running_stats)
+                new.load_state_dict(child.state_dict())
+                new.train(child.training)
+                setattr(module, name, new)
+            else:
+                cls.convert(child, num_splits)
+        return module
+
+    def _groups(self, n: int) -> int:
+        # Never fewer than 2 samples per group (BN of a single 1x1 sample is undefined).
+        return max(1, min(self.num_splits, n // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self._groups(x.shape[0]) if self.training else 1
+        if g <= 1:
+            return super().forward(x)
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.num_batches_tracked is not None else 0.0
+        else:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            factor = self.momentum
+        n, c = x.shape[:2]
+        weight = self.weight.repeat(g) if self.weight is not None else None
+        bias = self.bias.repeat(g) if self.bias is not None else None
+        if self.running_mean is not None:
+            rm, rv = self.running_mean.repeat(g), self.running_var.repeat(g)
+        else:
+            rm = rv = None
+        if n % g == 0:
+            # NxCxHxW -> (N/G)x(G*C)xHxW: channel block j holds the samples i with i % G == j.
+            out = F.batch_norm(x.reshape(n // g, g * c, *x.shape[2:]), rm, rv, weight, bias, True, factor, self.eps)
+            out = out.view_as(x)
+        else:
+            outs = []
+            for j, chunk in enumerate(torch.tensor_split(x, g, dim=0)):
+                sl = slice(j * c, (j + 1) * c)
+                outs.append(F.batch_norm(chunk, rm[sl] if rm is not None else None,
+                                         rv[sl] if rv is not None else None,
+                                         weight[sl] if weight is not None else None,
+                                         bias[sl] if bias is not None else None, True, factor, self.eps))
+            out = torch.cat(outs, dim=0)
+        if rm is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(rm.view(g, c).mean(0))
+                self.running_var.copy_(rv.view(g, c).mean(0))
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_splits={self.num_splits}"
+
+
+def resolve_shuffle_mode(mode: str, distributed: bool, mechanism: str) -> str:
+    """``auto`` -> ``ddp`` under a multi-rank job, ``split`` otherwise. end2end keys need gradients, so the
+    cross-rank shuffle (no-grad all-gather) is replaced by the split emulation on each rank."""
+    if mode == "auto":
+        mode = "ddp" if distributed and mechanism != "end2end" else "split"
+    if mode == "ddp" and not distributed:
+        raise ValueError("--shuffle-bn ddp needs a multi-process torchrun job; use 'split' (single-device "
+                         "emulation) or 'auto'")
+    if mode == "ddp" and mechanism == "end2end":
+        raise ValueError("--shuffle-bn ddp is not supported with --mechanism end2end (keys carry gradients); "
+                         "use 'split' or 'off'")
+    return mode

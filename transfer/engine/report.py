@@ -1,0 +1,110 @@
+"""Run outputs: metrics JSON, Markdown tables, loss curve PNG, sample predictions with boxes and masks drawn."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from moco_zoo.checkpoint import atomic_write_bytes, atomic_write_text
+
+# The columns shown per task: (label, path into the metrics dict).
+COLUMNS = {
+    "voc_det": [("AP50", ("AP50",)), ("AP", ("AP",)), ("AP75", ("AP75",)), ("AP50 (area)", ("AP50_area",))],
+    "coco_det": [("box AP", ("bbox", "AP")), ("box AP50", ("bbox", "AP50")), ("box AP75", ("bbox", "AP75")),
+                 ("mask AP", ("segm", "AP")), ("mask AP50", ("segm", "AP50")), ("mask AP75", ("segm", "AP75"))],
+}
+
+
+def _get(metrics: Dict[str, Any], path) -> Optional[float]:
+    cur: Any = metrics
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return float(cur) if isinstance(cur, (int, float)) else None
+
+
+def metric_row(task: str, metrics: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    return {label: _get(metrics, path) for label, path in COLUMNS[task]}
+
+
+def markdown_table(task: str, rows: Sequence[Dict[str, Any]]) -> str:
+    """``rows``: dicts with ``weights`` and ``metrics``; columns without any value are omitted."""
+    cols = [label for label, path in COLUMNS[task] if any(_get(r["metrics"], path) is not None for r in rows)]
+    lines = ["| weights | arch | detector | iters | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        vals = metric_row(task, r["metrics"])
+        cells = ["-" if vals[c] is None else f"{vals[c]:.1f}" for c in cols]
+        lines.append(f"| {r['weights']} | {r.get('arch', '')} | {r.get('detector', '')} | {r.get('iters', '')} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def plot_losses(history: List[Dict[str, float]], path: Path, title: str = "") -> Optional[Path]:
+    """Total and per-term training losses against the iteration (log scale), lr on a second axis."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    its = [h["iter"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    keys = [k for k in history[0] if k.startswith("loss")]
+    for k in keys:
+        ax.plot(its, [h.get(k, float("nan")) for h in history], label=k, lw=2.0 if k == "loss" else 1.0)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    if "lr" in history[0]:
+        ax2 = ax.twinx()
+        ax2.plot(its, [h["lr"] for h in history], color="grey", ls="--", lw=0.8)
+        ax2.set_ylabel("lr", color="grey")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def draw_prediction(image: torch.Tensor, output: Dict[str, torch.Tensor], class_names: Sequence[str],
+                    score_thresh: float = 0.5, max_boxes: int = 20) -> torch.Tensor:
+    """uint8 CHW image with the predicted boxes (class and score) and masks above ``score_thresh`` drawn."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    img = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
+    scores = output["scores"].cpu()
+    keep = torch.nonzero(scores >= score_thresh).flatten()[:max_boxes]
+    if len(keep) == 0:
+        return img
+    palette = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+               "#bcf60c", "#fabebe", "#008080", "#e6beff"]
+    labels = output["labels"].cpu()[keep]
+    colors = [palette[int(l) % len(palette)] for l in labels]
+    if "masks" in output:
+        masks = output["masks"].cpu()[keep]
+        masks = (masks[:, 0] if masks.dim() == 4 else masks) > 0.5
+        img = draw_segmentation_masks(img, masks, alpha=0.45, colors=colors)
+    names = [f"{class_names[int(l) - 1] if 0 < int(l) <= len(class_names) else int(l)} {float(s):.2f}"
+             for l, s in zip(labels, scores[keep])]
+    return draw_bounding_boxes(img, output["boxes"].cpu()[keep], labels=names, colors=colors, width=2)
+
+
+def save_image(chw_uint8: torch.Tensor, path: Path) -> Path:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(chw_uint8.permute(1, 2, 0).contiguous().numpy()).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
