@@ -87,6 +87,7 @@ class TimedLoader:
     def __init__(self, loader, warmup: int, steps: int) -> None:
         self.loader, self.warmup, self.steps = loader, warmup, steps
         self.stamps: List[float] = []
+        self.cpu_stamps: List[float] = []  # this process's CPU time (all its threads), robust-ish under load
 
     def __len__(self) -> int:
         return self.warmup + self.steps
@@ -100,12 +101,18 @@ class TimedLoader:
                 it = iter(self.loader)
                 batch = next(it)
             self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.process_time())
             yield batch
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
 
     def timed_seconds(self) -> float:
         """Wall time of the timed steps (from handing out batch ``warmup`` to the end of the last step)."""
         return self.stamps[-1] - self.stamps[self.warmup]
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process (not of DataLoader workers) over the timed steps."""
+        return self.cpu_stamps[-1] - self.cpu_stamps[self.warmup]
 
 
 class MemoryLoader:
@@ -148,73 +155,46 @@ def ensure_imagefolder(data_dir: Path, num_images: int, image_size: int) -> Path
 
 # ------------------------------------------------------------------------------------------------ our engine
 def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Our engine (pretrain/): MoCo module + augmentations + data pipeline, driven through its public API."""
+    """Our engine (pretrain/), driven through its public API: ``pretrain.engine.Trainer`` built from a
+    ``pretrain.config.make_config`` config, its DataLoader (``trainer.loader``) and ``trainer.train_step``."""
     import torch
-    import torch.nn.functional as F
 
-    from moco_zoo.device import autocast
-    from pretrain.builder import MoCo
+    from pretrain.config import make_config
+    from pretrain.engine import Trainer
 
-    torch.manual_seed(0)
-    device = torch.device("cpu")
     v = VARIANTS[spec["variant"]]
-    amp_dtype = torch.bfloat16 if v["precision"] == "bf16" else None
-    mf = torch.channels_last if v["channels_last"] else torch.contiguous_format
-    mlp = spec["moco_version"] == "v2"
-    model = MoCo(arch=spec["arch"], dim=128, K=spec["K"], m=0.999, T=0.2 if mlp else 0.07, mlp=mlp,
-                 mechanism="moco", shuffle_bn=spec["shuffle_bn"], shuffle_groups=spec["shuffle_groups"])
-    model = model.to(device=device, memory_format=mf).train()
-    lr = 0.03 * spec["batch_size"] / 256
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt_kw = {}
-    if spec.get("sgd_impl") == "foreach":
-        opt_kw["foreach"] = True
-    elif spec.get("sgd_impl") == "fused":
-        opt_kw["fused"] = True
-    optimizer = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=1e-4, **opt_kw)
-    encoder_q, encoder_k = model.encoder_q, model.encoder_k
-    if v["compile"]:
-        model.encoder_q = torch.compile(encoder_q)
-        model.encoder_k = torch.compile(encoder_k)
-    losses: List[torch.Tensor] = []
+    with tempfile.TemporaryDirectory() as out:
+        cfg = make_config(
+            data=str(Path(spec["data"]).parent), arch=spec["arch"], moco_version=spec["moco_version"],
+            image_size=spec["image_size"], batch_size=spec["batch_size"], num_negatives=spec["K"],
+            shuffle_bn=spec["shuffle_bn"], shuffle_groups=spec["shuffle_groups"], workers=spec["workers"],
+            pin_memory=spec["pin_memory"], persistent_workers=spec["persistent_workers"], device="cpu",
+            precision=v["precision"], channels_last=v["channels_last"], compile=v["compile"], epochs=1000,
+            knn_every=0, progress=False, plots=False, output_dir=out, seed=0)
+        trainer = Trainer(cfg)
+        trainer.model.train()
+        losses: List[torch.Tensor] = []
 
-    def step(im_q, im_k):
-        im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=mf)
-        im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=mf)
-        with autocast(device, amp_dtype):
-            out = model(im_q, im_k)
-            loss = F.cross_entropy(out.logits.float(), out.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.update_dictionary(out)
-        losses.append(loss.detach())  # no host sync inside the step
+        if spec["mode"] == "step":
+            g = torch.Generator().manual_seed(0)
+            b, s = spec["batch_size"], spec["image_size"]
+            images = [torch.randn(b, 3, s, s, generator=g), torch.randn(b, 3, s, s, generator=g)]
+            loader = MemoryLoader((images, None, torch.arange(b)))
+        else:
+            trainer.sampler.set_epoch(0)
+            loader = trainer.loader
 
-    if spec["mode"] == "step":
-        g = torch.Generator().manual_seed(0)
-        b, s = spec["batch_size"], spec["image_size"]
-        batch = ([torch.randn(b, 3, s, s, generator=g), torch.randn(b, 3, s, s, generator=g)], None, None)
-        loader = MemoryLoader(batch)
-    else:
-        from pretrain.augment import TwoCropsTransform, pretrain_transform
-        from pretrain.data import ImageFolderDataset, ResumableBatchSampler, make_loader
-
-        ds = ImageFolderDataset(spec["data"], TwoCropsTransform(pretrain_transform(spec["aug"], spec["image_size"])))
-        sampler = ResumableBatchSampler(len(ds), spec["batch_size"], seed=0)
-        loader = make_loader(ds, sampler, workers=spec["workers"], pin_memory=spec["pin_memory"],
-                             persistent_workers=spec["persistent_workers"], seed=0)
-
-    flops = None
-    if spec["mode"] == "step" and spec.get("count_flops", True):
-        imgs = loader.batch[0]
-        flops = count_step_flops(lambda: step(imgs[0], imgs[1]))
-    timed = TimedLoader(loader, spec["warmup"], spec["steps"])
-    for images, *_ in timed:
-        step(images[0], images[1])
-    seconds = timed.timed_seconds()
-    final_loss = float(torch.stack(losses[-spec["steps"]:]).mean()) if losses else None
-    del timed, loader
-    return {"seconds": seconds, "flops_per_step": flops, "loss": final_loss}
+        flops = None
+        if spec["mode"] == "step" and spec.get("count_flops", True):
+            imgs, _, idx = loader.batch
+            flops = count_step_flops(lambda: trainer.train_step(imgs, idx))
+        timed = TimedLoader(loader, spec["warmup"], spec["steps"])
+        for images, _, index in timed:
+            losses.append(trainer.train_step(images, index))  # detached, no host sync
+        seconds, cpu_seconds = timed.timed_seconds(), timed.cpu_seconds()
+        final_loss = float(torch.stack(losses[-spec["steps"]:]).mean())
+        del timed, loader, trainer
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops_per_step": flops, "loss": final_loss}
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -331,10 +311,10 @@ def run_reference(spec: Dict[str, Any]) -> Dict[str, Any]:
         # Their train loop prints a progress line at i == 0: keep it off our stdout (which carries the JSON).
         with contextlib.redirect_stdout(sys.stderr):
             main_moco.train(timed, model, criterion, optimizer, 0, args)
-        seconds = timed.timed_seconds()
+        seconds, cpu_seconds = timed.timed_seconds(), timed.cpu_seconds()
         del timed, loader
         torch.distributed.destroy_process_group()
-    return {"seconds": seconds, "flops_per_step": flops, "loss": None}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops_per_step": flops, "loss": None}
 
 
 # ------------------------------------------------------------------------------------------------ worker process
@@ -348,6 +328,8 @@ def worker_main(spec_json: str) -> int:
     res = run_reference(spec) if spec["impl"] == "reference" else run_ours(spec)
     res["img_s"] = spec["batch_size"] * spec["steps"] / res["seconds"]
     res["step_s"] = res["seconds"] / spec["steps"]
+    # images per CPU-second of the main process: less sensitive to other processes than wall time (step mode)
+    res["img_per_cpu_s"] = spec["batch_size"] * spec["steps"] / max(res["cpu_seconds"], 1e-9)
     res["peak_rss_mb"] = C.peak_rss_mb()
     res["workers_peak_rss_mb"] = C.children_peak_rss_mb()
     res["threads"] = torch.get_num_threads()
@@ -395,7 +377,6 @@ def main(argv=None) -> int:
     parser.add_argument("--shuffle-bn", default="split", choices=("split", "off"),
                         help="our single-process shuffle BN (the reference runs its DDP shuffle on one rank)")
     parser.add_argument("--shuffle-groups", type=int, default=8)
-    parser.add_argument("--sgd-impl", default="default", choices=("default", "foreach", "fused"))
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (same for ours and reference)")
     parser.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=False)
@@ -427,17 +408,17 @@ def main(argv=None) -> int:
     rows: List[Dict[str, Any]] = []
     for cfg in configs:
         steps = args.steps or (3 if cfg["image_size"] >= 128 else 8)
-        data = None
-        if "e2e" in modes:
-            n_images = max(4 * cfg["batch_size"] * (args.warmup + steps) // 3, 64)
-            data = str(ensure_imagefolder(Path(args.data_dir), int(n_images / 0.75) + 16, cfg["source_size"]))
+        # One epoch must cover warm-up + timed steps (no DataLoader restart inside the timing); the engine's
+        # Trainer needs the ImageFolder in step mode too (it builds its data set).
+        n_train = max(4 * cfg["batch_size"] * (args.warmup + steps) // 3, 64)
+        data = str(ensure_imagefolder(Path(args.data_dir), int(n_train / 0.75) + 16, cfg["source_size"]))
         for mode in modes:
             base = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"], K=cfg["K"],
                         moco_version=args.moco_version, aug=args.moco_version, mode=mode, data=data,
                         workers=args.workers, pin_memory=args.pin_memory,
                         persistent_workers=args.persistent_workers, warmup=args.warmup, steps=steps,
                         threads=args.threads, shuffle_bn=args.shuffle_bn, shuffle_groups=args.shuffle_groups,
-                        sgd_impl=args.sgd_impl, reference=args.reference, ref_ddp=args.ref_ddp)
+                        reference=args.reference, ref_ddp=args.ref_ddp)
             results: Dict[str, Optional[Dict[str, Any]]] = {v: None for v in variants}
             ref: Optional[Dict[str, Any]] = None
             for _ in range(args.rounds):
@@ -456,6 +437,7 @@ def main(argv=None) -> int:
                 row = {"config": cfg["name"], "mode": mode, "variant": v, "ours": r}
                 if r and "error" not in r:
                     row["ours_img_s"] = r["img_s"]
+                    row["ours_img_cpu_s"] = r.get("img_per_cpu_s")
                     row["ours_rss_mb"] = r["peak_rss_mb"]
                     if flops:
                         row["gflops"] = flops / r["step_s"] / 1e9
@@ -466,6 +448,7 @@ def main(argv=None) -> int:
                     row["reference"] = ref
                     if "error" not in ref:
                         row["ref_img_s"] = ref["img_s"]
+                        row["ref_img_cpu_s"] = ref.get("img_per_cpu_s")
                         row["ref_rss_mb"] = ref["peak_rss_mb"]
                         if row.get("ours_img_s"):
                             row["ratio"] = row["ours_img_s"] / ref["img_s"]
@@ -475,9 +458,10 @@ def main(argv=None) -> int:
                 rows.append(row)
 
     print(C.markdown_table(rows, ["config", "mode", "variant", "ours_img_s", "ref_img_s", "ratio", "ours_rss_mb",
-                                  "ref_rss_mb", "gflops", "pct_peak"],
+                                  "ref_rss_mb", "gflops", "pct_peak", "ours_img_cpu_s", "ref_img_cpu_s"],
                            ["config", "mode", "ours variant", "ours img/s", "reference img/s", "ours/ref",
-                            "ours peak RSS MiB", "ref peak RSS MiB", "step model GFLOP/s", "% bf16 matmul peak"],
+                            "ours peak RSS MiB", "ref peak RSS MiB", "step model GFLOP/s", "% bf16 matmul peak",
+                            "ours img/CPU-s (main proc)", "ref img/CPU-s (main proc)"],
                            digits=2))
     for r in rows:
         if r.get("error") or r.get("ref_error"):

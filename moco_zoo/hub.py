@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
@@ -291,7 +290,7 @@ class FileRecord:
 
 
 def _fmt_value(v: float) -> str:
-    return f"{v:.1f}" if abs(v) >= 1 else f"{v:.4g}"
+    return f"{v:.6g}"
 
 
 def _yaml_front_matter(entry: ZooEntry, repo_id: str, rows: Sequence[MetricRow], files: Sequence[FileRecord],

@@ -16,6 +16,7 @@ Weight sources, per entry:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
@@ -85,7 +86,10 @@ def pretrained_cfg_for_entry(entry: zoo.ZooEntry) -> Dict[str, Any]:
         paper_ids=f"arXiv:{entry.paper.arxiv}",
         notes=(
             f"moco_version={entry.moco_version}",
-            "source=hub" if entry.published else f"source=official url, converted on load (md5 {entry.source.md5_prefix})",
+            "source=hub" if entry.published else (
+                "source=official url, converted on load, "
+                + (f"md5 prefix {entry.source.md5_prefix} checked" if entry.source.md5_prefix else "no published md5")
+            ),
         ),
         **arch["cfg"],
     )
@@ -98,7 +102,13 @@ def pretrained_cfg_for_entry(entry: zoo.ZooEntry) -> Dict[str, Any]:
 
 def _cfgs() -> Dict[str, Dict[str, Any]]:
     out: Dict[str, Dict[str, Any]] = {}
-    for model in zoo.model_names():
+    try:
+        names = zoo.model_names()
+    except zoo.ZooConfigError as e:
+        # Keep `import moco_zoo` working without the configs: the architectures register, without weights.
+        warnings.warn(f"moco_zoo: no zoo configs, models registered without pretrained weights ({e})")
+        return {name: dict(num_classes=0, **arch["cfg"]) for name, arch in _ARCHS.items()}
+    for model in names:
         default = zoo.default_entry(model)
         ordered = [default] + [e for e in zoo.entries() if e.model == model and e is not default]
         for e in ordered:

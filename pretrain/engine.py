@@ -139,6 +139,17 @@ def _check_pretrain_checkpoint(ckpt: Any, path: Path) -> Dict[str, Any]:
     return ckpt
 
 
+def load_checkpoint_file(path: Path) -> Dict[str, Any]:
+    """``safe_torch_load`` + kind/completeness check; every failure is a :class:`CheckpointError` naming the file."""
+    try:
+        ckpt = safe_torch_load(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises IndexError/KeyError/... for garbage files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    return _check_pretrain_checkpoint(ckpt, path)
+
+
 def find_resume_checkpoint(cfg: MocoConfig) -> Optional[Tuple[Path, Dict[str, Any]]]:
     """``--resume auto``: the newest checkpoint that loads and is complete; corrupt ones are skipped with a warning.
     ``--resume PATH``: that file (errors are fatal)."""
@@ -146,10 +157,10 @@ def find_resume_checkpoint(cfg: MocoConfig) -> Optional[Tuple[Path, Dict[str, An
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume)
-        return path, _check_pretrain_checkpoint(safe_torch_load(path), path)
+        return path, load_checkpoint_file(path)
     for _, path in list_checkpoints(checkpoint_dir(cfg)):
         try:
-            return path, _check_pretrain_checkpoint(safe_torch_load(path), path)
+            return path, load_checkpoint_file(path)
         except CheckpointError as e:
             warnings.warn(f"--resume auto: skipping unusable checkpoint {path}: {e}", stacklevel=2)
     return None
@@ -348,7 +359,7 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             if box[0] and (found is None or str(found[0]) != box[0]):
                 path = Path(box[0])
-                found = (path, _check_pretrain_checkpoint(safe_torch_load(path), path))
+                found = (path, load_checkpoint_file(path))
             elif not box[0]:
                 found = None
         if found is None:

@@ -27,14 +27,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    from moco_zoo.checkpoint import CheckpointError
-    from pretrain.data import DataError
     from pretrain.engine import train
-    from pretrain.heads import UnknownArchError
 
     try:
         summary = train(cfg)
-    except (DataError, UnknownArchError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # DataError, UnknownArchError, CheckpointError: named causes
         print(f"main_moco: error: {e}", file=sys.stderr)
         return 2
     print(f"done: global step {summary['global_step']}, checkpoint {summary['checkpoint']}"

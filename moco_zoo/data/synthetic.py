@@ -120,6 +120,7 @@ class Instance:
     truncated: bool  # the object is cut by the image border
     difficult: bool  # very small or heavily occluded
     iscrowd: bool = False  # a group of small same-class objects annotated as one region
+    visible_fraction: float = 1.0  # visible pixels / pixels of the whole shape (occlusion and truncation)
 
     @property
     def name(self) -> str:
@@ -388,7 +389,7 @@ def render_scene(
         xs = np.flatnonzero(mask.any(0))
         box = (int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1]))
         difficult = (not p.crowd) and (area < difficult_area or visible < 0.5)
-        instances.append(Instance(p.category, mask, box, area, p.truncated, difficult, p.crowd))
+        instances.append(Instance(p.category, mask, box, area, p.truncated, difficult, p.crowd, visible))
         final_map[mask] = len(instances)
     return Scene(np.clip(image, 0, 255).astype(np.uint8), final_map, instances)
 

@@ -326,11 +326,13 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     ``dataset[i]`` is ``(image, mask)``: ``image`` float CHW RGB in [0, 1], ``mask`` int64 HxW with 0 = background,
     1..C = classes, 255 = ignore. ``transforms(image, mask)`` returns the pair. Mask values that are neither a class
-    index nor 255 raise an error naming the file (checked when the sample is read).
+    index nor 255 raise an error naming the file (checked when the sample is read). ``mask_dir`` is the mask folder
+    inside ``VOC<year>/`` (``SegmentationClassAug`` for the SBD-augmented set).
     """
 
     def __init__(self, devkit_root: PathLike, image_sets=(("2012", "train"),),
-                 class_names: Optional[Sequence[str]] = None, transforms: Optional[Callable] = None):
+                 class_names: Optional[Sequence[str]] = None, transforms: Optional[Callable] = None,
+                 mask_dir: str = "SegmentationClass"):
         self.root = Path(devkit_root)
         if not self.root.is_dir():
             raise VOCFormatError(f"{self.root}: VOCdevkit directory not found")
@@ -338,6 +340,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
         self.num_classes = len(self.class_names) + 1  # with background
         self.image_sets = _normalise_image_sets(image_sets)
         self.transforms = transforms
+        self.mask_dir = mask_dir
         self.ids: List[Tuple[str, str]] = []
         for year, split in self.image_sets:
             self.ids.extend((year, i) for i in read_image_set(self.root, year, split, "Segmentation"))
@@ -351,7 +354,7 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     def mask_path(self, index: int) -> Path:
         year, vid = self.ids[index]
-        return self.root / f"VOC{year}" / "SegmentationClass" / f"{vid}.png"
+        return self.root / f"VOC{year}" / self.mask_dir / f"{vid}.png"
 
     def read_mask(self, index: int) -> np.ndarray:
         path = self.mask_path(index)
@@ -364,8 +367,8 @@ class VOCSegmentation(torch.utils.data.Dataset):
         return mask
 
     def __getitem__(self, index: int):
-        image = load_rgb(self.image_path(index))
         mask = self.read_mask(index)
+        image = load_rgb(self.image_path(index))
         if mask.shape != (image.size[1], image.size[0]):
             raise VOCFormatError(f"{self.mask_path(index)}: mask is {mask.shape[1]}x{mask.shape[0]} but the image "
                                  f"{self.image_path(index)} is {image.size[0]}x{image.size[1]}")

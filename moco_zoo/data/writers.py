@@ -122,7 +122,11 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         old.rmdir()
         os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)  # put the previous dataset back
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return
     try:

@@ -49,23 +49,25 @@ def _mlp_bn(in_dim: int, hidden: int, out: int) -> nn.Sequential:
     )
 
 
-def official_v1v2(version: str = "v2", arch: str = "resnet50", seed: int = 0, dim: int = 128, queue: int = 16
-                  ) -> Tuple[Dict[str, Any], nn.Module]:
-    """facebookresearch/moco ``moco_v{1,2}_*_pretrain.pth.tar``: ``module.encoder_q.*`` + ``module.queue``."""
-    encoder = _headless(arch, seed)
+def official_v1v2(version: str = "v2", arch: str = "resnet50", seed: int = 0, dim: int = 128, queue: int = 16,
+                  hidden: int = 64, **model_kwargs: Any) -> Tuple[Dict[str, Any], nn.Module]:
+    """facebookresearch/moco ``moco_v{1,2}_*_pretrain.pth.tar``: ``module.encoder_q.*`` + ``module.queue``.
+
+    The v2 MLP head is ``fc.0`` (Linear), ReLU, ``fc.2`` (Linear) as published; its hidden width (2048 in the release)
+    is ``hidden`` here to keep the files small. The key encoder shares the query encoder's tensors (it starts as a
+    copy in MoCo), so ``torch.save`` writes them once.
+    """
+    encoder = _headless(arch, seed, **model_kwargs)
     feat = encoder.num_features
     q = copy.deepcopy(encoder)
     if version == "v1":
         q.fc = nn.Linear(feat, dim)
     else:
-        q.fc = nn.Sequential(nn.Linear(feat, feat), nn.ReLU(), nn.Linear(feat, dim))
+        q.fc = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, dim))
     sd_q = q.state_dict()
-    k = copy.deepcopy(q)
-    for p in k.parameters():
-        p.data.add_(0.01)
     state = {}
     state.update(_prefixed(sd_q, "module.encoder_q."))
-    state.update(_prefixed(k.state_dict(), "module.encoder_k."))
+    state.update({k.replace("module.encoder_q.", "module.encoder_k."): v for k, v in list(state.items())})
     state["module.queue"] = nn.functional.normalize(torch.randn(dim, queue), dim=0)
     state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
     ckpt = {"epoch": 200, "arch": arch, "state_dict": state, "optimizer": _optimizer_state(len(list(q.parameters())))}
@@ -93,11 +95,11 @@ def official_v3(arch: str = "resnet50", seed: int = 0, hidden: int = 64, dim: in
         )
     else:
         base.fc = _mlp_bn(feat, hidden, dim)
-    momentum = copy.deepcopy(base)
     predictor = _mlp_bn(dim, hidden, dim)
     state = {}
     state.update(_prefixed(base.state_dict(), "module.base_encoder."))
-    state.update(_prefixed(momentum.state_dict(), "module.momentum_encoder."))
+    # the momentum encoder starts as a copy of the base encoder; sharing tensors keeps the file small
+    state.update({k.replace("module.base_encoder.", "module.momentum_encoder."): v for k, v in list(state.items())})
     state.update(_prefixed(predictor.state_dict(), "module.predictor."))
     official_arch = {"resnet50": "resnet50", "moco_vit_small": "vit_small", "vit_base_patch16_224": "vit_base"}
     ckpt = {"epoch": 300, "arch": official_arch.get(arch, arch), "state_dict": state,

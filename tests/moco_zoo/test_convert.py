@@ -21,7 +21,7 @@ from moco_zoo.checkpoint import CheckpointError
 
 from . import official_formats as of
 
-X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,17 @@ def files(tmp_path_factory):
 
 
 def _tv_resnet(arch: str, num_classes: int = 0) -> nn.Module:
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=max(num_classes, 1))
-    if not num_classes:
-        model.fc = nn.Identity()
+    """torchvision model built on the meta device (no init cost); ``load_state_dict(..., assign=True)`` fills it."""
+    with torch.device("meta"):
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=max(num_classes, 1))
+        if not num_classes:
+            model.fc = nn.Identity()
     return model.eval()
+
+
+def _timm_model(arch: str, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(arch, pretrained=False, **kwargs).eval()
 
 
 @pytest.mark.parametrize(
@@ -80,16 +87,17 @@ def test_resnet50_features_match_timm_and_torchvision(files, tmp_path, name):
     path, encoder = files[name]
     expected = of.features(encoder, X)
 
+    conv = convert.to_canonical(path)
     out = tmp_path / "model.safetensors"
-    convert.convert_file(path, "timm", out)
-    model = timm.create_model("resnet50", pretrained=False, num_classes=0).eval()
-    model.load_state_dict(load_file(str(out)), strict=True)
+    convert.save_timm(conv, out)
+    model = _timm_model("resnet50", num_classes=0)
+    model.load_state_dict(load_file(str(out)), strict=True, assign=True)
     torch.testing.assert_close(of.features(model, X), expected, rtol=1e-4, atol=1e-5)
 
     tv_out = tmp_path / "resnet50_tv.pth"
-    convert.convert_file(path, "torchvision", tv_out)
+    convert.save_torchvision(conv, tv_out)
     tv = _tv_resnet("resnet50")
-    tv.load_state_dict(torch.load(tv_out, weights_only=True), strict=True)
+    tv.load_state_dict(torch.load(tv_out, weights_only=True), strict=True, assign=True)
     with torch.no_grad():
         torch.testing.assert_close(tv(X), expected, rtol=1e-4, atol=1e-5)
 
@@ -99,8 +107,8 @@ def test_small_resnet_features_match(files, tmp_path, name):
     path, encoder = files[name]
     out = tmp_path / "model.safetensors"
     convert.convert_file(path, "timm", out)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
-    model.load_state_dict(load_file(str(out)), strict=True)
+    model = _timm_model("resnet18", num_classes=0)
+    model.load_state_dict(load_file(str(out)), strict=True, assign=True)
     torch.testing.assert_close(of.features(model, X), of.features(encoder, X), rtol=1e-4, atol=1e-5)
 
 
@@ -111,14 +119,14 @@ def test_classifier_checkpoints_convert_to_classifiers(files, tmp_path, name, cl
         logits = ref(X)
     out = tmp_path / "model.safetensors"
     convert.convert_file(path, "timm", out)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=classes).eval()
-    model.load_state_dict(load_file(str(out)), strict=True)
+    model = _timm_model("resnet18", num_classes=classes)
+    model.load_state_dict(load_file(str(out)), strict=True, assign=True)
     with torch.no_grad():
         torch.testing.assert_close(model(X), logits, rtol=1e-4, atol=1e-5)
     tv_out = tmp_path / "tv.pth"
     convert.convert_file(path, "torchvision", tv_out)
     tv = _tv_resnet("resnet18", classes)
-    tv.load_state_dict(torch.load(tv_out, weights_only=True), strict=True)
+    tv.load_state_dict(torch.load(tv_out, weights_only=True), strict=True, assign=True)
     with torch.no_grad():
         torch.testing.assert_close(tv(X), logits, rtol=1e-4, atol=1e-5)
 
@@ -132,8 +140,8 @@ def test_official_v3_vit_converts(tmp_path):
     assert not any(k.startswith("head") for k in conv.state_dict)
     out = tmp_path / "model.safetensors"
     convert.save_timm(conv, out)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0).eval()
-    model.load_state_dict(load_file(str(out)), strict=True)
+    model = _timm_model("vit_tiny_patch16_224", img_size=32, num_classes=0)
+    model.load_state_dict(load_file(str(out)), strict=True, assign=True)
     torch.testing.assert_close(of.features(model, X[:, :, :32, :32]), of.features(encoder.eval(), X[:, :, :32, :32]))
     with pytest.raises(CheckpointError, match="ResNet"):
         convert.save_detectron2(conv, tmp_path / "x.pkl")

@@ -36,3 +36,15 @@ def run_script(script: str, args: List[str], env: Optional[Dict[str, str]] = Non
 def tiny_args(data: Path, out: Path, *extra: str) -> List[str]:
     return [str(data), "--arch", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "40", "--epochs", "2",
             "-j", "0", "--output-dir", str(out), "--no-progress", "--no-plots", "--knn-every", "0", *extra]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread in these tests: on a shared 2-core machine, OpenMP oversubscription makes the tiny
+    ResNet steps ~10x slower; restored afterwards so other test packages are unaffected."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,151 @@
+"""Training loop: checkpoint contents, exact resume after SIGKILL, corrupt-checkpoint skipping, schedules, presets,
+CLI errors. Subprocess runs use resnet18 at 32 px on a 48-image ImageFolder (6 steps per epoch)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from moco_zoo.checkpoint import CheckpointError, safe_torch_load
+from pretrain.config import build_parser, config_from_args, make_config
+from pretrain.engine import find_resume_checkpoint, list_checkpoints, lr_factor, momentum_at, scaled_lr
+
+from .conftest import run_script, tiny_args
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_imagefolder, tmp_path_factory):
+    """An uninterrupted 2-epoch run (12 steps) with checkpoints every 2 steps and 2 DataLoader workers."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_script("main_moco.py", tiny_args(tiny_imagefolder, out, "-j", "2", "--save-every-steps", "2",
+                                         "--knn-every", "1", "--plots", "--keep-checkpoints", "3"))
+    return out
+
+
+def test_checkpoint_follows_the_contract(reference_run):
+    ckpts = list_checkpoints(reference_run / "checkpoints")
+    assert [s for s, _ in ckpts] == [12, 10, 8]  # newest first, older ones pruned
+    ck = safe_torch_load(ckpts[0][1])  # weights_only=True
+    assert ck["kind"] == "moco-pretrain" and ck["format_version"] == 1
+    assert ck["arch"] == "resnet18" and ck["moco_version"] == "v2" and ck["mechanism"] == "moco"
+    assert ck["epoch"] == 2 and ck["step_in_epoch"] == 0 and ck["global_step"] == 12
+    sd = ck["state_dict"]
+    assert not any(k.startswith("module.") for k in sd)
+    assert {"encoder_q.conv1.weight", "encoder_q.fc.0.weight", "encoder_q.fc.2.weight", "encoder_k.fc.2.bias",
+            "encoder_q.layer4.1.bn2.running_var", "queue", "queue_ptr"} <= set(sd)
+    assert sd["queue"].shape == (128, 40) and int(sd["queue_ptr"]) == (12 * 8) % 40
+    assert ck["config"]["temperature"] == 0.2 and ck["config"]["mlp"] is True
+    assert len(ck["rng"]["per_rank"]) == 1 and {"torch", "numpy", "python"} <= set(ck["rng"]["per_rank"][0])
+    assert ck["optimizer"]["state"] and ck["scheduler"]["last_epoch"] == 12
+    recs = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in recs if r["type"] == "epoch"]
+    assert len(epochs) == 2 and all(0 <= r["knn_top1"] <= 100 for r in epochs)
+    assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 for r in recs if r["type"] == "step")
+    assert (reference_run / "loss.png").stat().st_size > 1000 and (reference_run / "knn.png").exists()
+    assert json.loads((reference_run / "config.json").read_text())["batch_size"] == 8
+
+
+def test_resume_after_sigkill_is_bit_identical(reference_run, tiny_imagefolder, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_imagefolder, out, "-j", "2", "--save-every-steps", "2", "--knn-every", "1", "--plots",
+                     "--keep-checkpoints", "3")
+    # Killed after global step 9 (mid-epoch 2, one step after the step-8 checkpoint): SIGKILL, no cleanup.
+    killed = run_script("main_moco.py", args, env={"MOCO_ZOO_KILL_AFTER_STEP": "9"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")][0] == 8
+    resumed = run_script("main_moco.py", args + ["--resume", "auto"])
+    assert "resumed from" in resumed.stderr and "checkpoint_000000008.pth" in resumed.stderr
+    ref = safe_torch_load(list_checkpoints(reference_run / "checkpoints")[0][1])
+    got = safe_torch_load(list_checkpoints(out / "checkpoints")[0][1])
+    assert got["global_step"] == ref["global_step"] == 12
+    assert ref["state_dict"].keys() == got["state_dict"].keys()
+    for k, v in ref["state_dict"].items():
+        assert torch.equal(v, got["state_dict"][k]), k
+    for i, st in ref["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], got["optimizer"]["state"][i]["momentum_buffer"])
+    assert torch.equal(ref["rng"]["per_rank"][0]["torch"], got["rng"]["per_rank"][0]["torch"])
+    # the metrics log holds each step once
+    steps = [json.loads(line)["global_step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "step"]
+    assert len(steps) == len(set(steps))
+
+
+def test_resume_auto_skips_corrupt_checkpoints(reference_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    (out / "checkpoints" / "checkpoint_000000099.pth").write_bytes(b"truncated garbage")
+    torch.save({"kind": "linear-probe"}, out / "checkpoints" / "checkpoint_000000098.pth")
+    cfg = make_config(arch="resnet18", output_dir=str(out), resume="auto")
+    with pytest.warns(UserWarning) as rec:
+        path, ck = find_resume_checkpoint(cfg)
+    assert path.name == "checkpoint_000000012.pth" and ck["global_step"] == 12
+    messages = " ".join(str(w.message) for w in rec)
+    assert "checkpoint_000000099.pth" in messages and "checkpoint_000000098.pth" in messages
+    with pytest.raises(CheckpointError, match="expected 'moco-pretrain'"):
+        find_resume_checkpoint(make_config(arch="resnet18", resume=str(out / "checkpoints" /
+                                                                       "checkpoint_000000098.pth")))
+
+
+def test_schedules():
+    cfg = make_config(moco_version="v1", epochs=100, lr_steps=[120, 160])
+    assert cfg.lr_schedule == "step"
+    assert lr_factor(0, 10, cfg) == 1.0
+    assert lr_factor(599, 10, cfg) == 1.0 and lr_factor(600, 10, cfg) == pytest.approx(0.1)  # 120/200 of 100
+    assert lr_factor(800, 10, cfg) == pytest.approx(0.01)
+    cos = make_config(moco_version="v2", epochs=10, warmup_epochs=1)
+    assert lr_factor(0, 10, cos) == pytest.approx(0.1) and lr_factor(9, 10, cos) == pytest.approx(1.0)
+    assert lr_factor(50, 10, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    mc = make_config(momentum_schedule="cosine", momentum=0.99)
+    assert momentum_at(0, 100, mc) == pytest.approx(0.99) and momentum_at(100, 100, mc) == pytest.approx(1.0)
+    assert momentum_at(37, 100, make_config(momentum=0.999)) == 0.999
+    assert scaled_lr(make_config(batch_size=512, lr=0.03)) == pytest.approx(0.06)
+    assert scaled_lr(make_config(batch_size=512, lr=0.03, lr_scaling="none")) == pytest.approx(0.03)
+
+
+def test_presets_and_overrides():
+    p = build_parser()
+    v1 = config_from_args(p.parse_args(["DATA", "--moco-version", "v1"]))
+    assert (v1.temperature, v1.mlp, v1.aug, v1.lr_schedule) == (0.07, False, "v1", "step") and v1.data == "DATA"
+    v2 = config_from_args(p.parse_args(["--data", "synthetic", "--moco-version", "v2", "--moco-t", "0.1",
+                                        "--no-mlp", "--lr-steps", "10", "20", "-b", "64"]))
+    assert (v2.temperature, v2.mlp, v2.aug, v2.lr_schedule) == (0.1, False, "v2", "cosine")
+    assert v2.lr_steps == [10, 20] and v2.batch_size == 64 and v2.data == "synthetic"
+    with pytest.raises(ValueError, match="mechanism"):
+        make_config(mechanism="simclr")
+
+
+def test_cli_errors_are_clear(tmp_path, tiny_imagefolder, capsys):
+    from pretrain.main_moco import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), "--arch", "resnet18", "--output-dir", str(tmp_path / "o"), "-j", "0"]) == 2
+    assert "no class sub-directories" in capsys.readouterr().err
+    assert main(tiny_args(tiny_imagefolder, tmp_path / "o2", "--arch", "resnet_nope")) == 2
+    assert "unknown architecture 'resnet_nope'" in capsys.readouterr().err
+    assert main(tiny_args(tiny_imagefolder, tmp_path / "o3", "--mechanism", "memory_bank", "--moco-k", "4096")) == 2
+    err = capsys.readouterr().err
+    assert "K=4096" in err and "(48)" in err
+
+
+def test_in_process_training_of_each_mechanism(tiny_imagefolder, tmp_path, monkeypatch):
+    """end2end with bf16 autocast + channels_last; memory_bank on ``--data synthetic`` (generated into the cache)."""
+    from pretrain.engine import train
+
+    monkeypatch.setenv("MOCO_ZOO_DATA", str(tmp_path / "cache"))
+    for mech, data, extra in (("end2end", str(tiny_imagefolder), {"precision": "bf16", "channels_last": True}),
+                              ("memory_bank", "synthetic", {"synthetic_images": 48, "synthetic_size": 32})):
+        cfg = make_config(data=data, arch="resnet18", image_size=32, batch_size=8, num_negatives=16, epochs=1,
+                          max_steps=2, workers=0, mechanism=mech, output_dir=str(tmp_path / mech),
+                          progress=False, plots=False, knn_every=0, **extra)
+        summary = train(cfg)
+        assert summary["global_step"] == 2
+        ck = safe_torch_load(summary["checkpoint"])
+        assert ck["mechanism"] == mech
+        assert ("memory_bank" in ck["state_dict"]) == (mech == "memory_bank")
+        assert not any(k.startswith("encoder_k.") for k in ck["state_dict"])
+        assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    assert any((tmp_path / "cache").rglob("*.jpg"))  # --data synthetic went through moco_zoo.data.ensure_dataset

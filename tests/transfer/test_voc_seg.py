@@ -1,0 +1,183 @@
+"""VOC semantic segmentation: mIoU on a hand-computed case, model shapes, transforms, sampler, and a tiny CLI run
+(two weights -> comparison table, outputs, atomic checkpoint, --resume, --eval-only, wrong-architecture error)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transfer.segmentation.data import InfiniteShardedSampler, SegTrainTransform
+from transfer.segmentation.metrics import SegmentationMeter, confusion_matrix, segmentation_scores
+from transfer.segmentation.model import BackboneWeightsError, FCNSegmenter, build_segmenter, load_resnet
+
+
+def test_miou_hand_computed():
+    # 3 classes, 2x4 image, one ignored pixel (255).
+    target = torch.tensor([[0, 0, 1, 1],
+                           [2, 2, 1, 255]])
+    pred = torch.tensor([[0, 1, 1, 1],
+                         [2, 0, 2, 0]])
+    # Valid pixels (gt -> pred): 0->0, 0->1, 1->1, 1->1, 2->2, 2->0, 1->2 (the 255 pixel is dropped).
+    c = confusion_matrix(pred, target, 3)
+    assert c.tolist() == [[1, 1, 0],
+                          [0, 2, 1],
+                          [1, 0, 1]]
+    s = segmentation_scores(c, ["bg", "a", "b"])
+    # IoU_0 = 1 / (2 + 2 - 1) = 1/3;  IoU_1 = 2 / (3 + 3 - 2) = 1/2;  IoU_2 = 1 / (2 + 2 - 1) = 1/3
+    assert s["per_class_IoU"]["bg"] == pytest.approx(100 / 3)
+    assert s["per_class_IoU"]["a"] == pytest.approx(50.0)
+    assert s["mIoU"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1 / 3) / 3)
+    assert s["pixel_acc"] == pytest.approx(100 * 4 / 7)
+    assert s["mean_acc"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 1 / 2) / 3)
+    assert s["num_pixels"] == 7
+
+
+def test_miou_absent_class_is_left_out_and_meter_accumulates():
+    m = SegmentationMeter(4, ["bg", "a", "b", "c"])
+    m.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+    m.update(torch.tensor([[1, 0]]), torch.tensor([[1, 255]]))
+    s = m.compute()
+    assert s["per_class_IoU"]["b"] is None and s["per_class_IoU"]["c"] is None  # neither in GT nor predicted
+    assert s["mIoU"] == pytest.approx(100.0) and s["num_classes_present"] == 2
+    assert np.asarray(s["confusion"]).sum() == 3
+    with pytest.raises(ValueError, match="target labels must be in 0..3"):
+        m.update(torch.tensor([0]), torch.tensor([7]))
+
+
+@pytest.mark.parametrize("arch", ["resnet18"])
+def test_dilated_backbone_output_stride_and_shapes(arch):
+    for os_, expect in ((32, 2), (16, 4), (8, 8)):
+        model, found = build_segmenter("random", 5, arch, output_stride=os_, head_channels=16, head_convs=1)
+        assert found == arch
+        x = torch.rand(1, 3, 64, 64)
+        feats = model.layer4(model.layer3(model.layer2(model.layer1(model.stem(x)))))
+        assert feats.shape[-1] == expect
+        assert model(x).shape == (1, 5, 64, 64)
+    # the trunk keeps torchvision key names and the loaded weights
+    sd = model.backbone_state_dict()
+    ref, _ = load_resnet("random", arch)
+    assert torch.equal(sd["layer1.0.conv1.weight"], ref.state_dict()["layer1.0.conv1.weight"])
+    assert "conv1.weight" in sd and "bn1.running_var" in sd
+
+
+def test_wrong_architecture_weights_name_the_file(tmp_path):
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    model, arch = build_segmenter(str(path), 3, None, output_stride=32, head_channels=8, head_convs=1)
+    assert arch == "resnet18"
+    with pytest.raises(Exception) as e:
+        build_segmenter(str(path), 3, "resnet50", output_stride=32)
+    assert "r18.pth" in str(e.value)
+
+
+def test_train_transform_crop_pad_and_ignore():
+    torch.manual_seed(0)
+    t = SegTrainTransform(48, scale_range=(0.5, 0.5), flip_prob=1.0)
+    img = torch.rand(3, 40, 60)
+    mask = torch.zeros(40, 60, dtype=torch.int64)
+    mask[:, :30] = 1
+    out_img, out_mask = t(img, mask)
+    assert out_img.shape == (3, 48, 48) and out_mask.shape == (48, 48)
+    # scaled to 20x30 then padded: the padding is ignore (255), the image keeps only labels 0/1
+    assert set(out_mask.unique().tolist()) == {0, 1, 255}
+    assert (out_mask == 255).sum() == 48 * 48 - 20 * 30
+
+
+def test_infinite_sampler_shards_and_resumes():
+    s0 = InfiniteShardedSampler(10, seed=3, rank=0, world_size=2)
+    s1 = InfiniteShardedSampler(10, seed=3, rank=1, world_size=2)
+    take = lambda s, n: [next(it) for it in [iter(s)] for _ in range(n)]  # noqa: E731
+    a, b = take(s0, 5), take(s1, 5)
+    assert sorted(a + b) == list(range(10))  # one epoch split between the ranks
+    full = take(InfiniteShardedSampler(10, seed=3), 25)
+    assert take(InfiniteShardedSampler(10, seed=3, start=13), 12) == full[13:]
+
+
+def _tiny_args(data_root, out, weights, *extra):
+    return ["--data-root", str(data_root), "--weights", *weights, "--out", str(out), "--preset", "cpu",
+            "--arch", "resnet18", "--iters", "2", "--batch-size", "2", "--max-test-images", "2", "--threads", "1",
+            "--set", "crop_size=64", "--set", "head_channels=16", "--set", "log_period=1",
+            "--set", "checkpoint_period=1", "--set", "num_samples=1", *extra]
+
+
+def test_cli_end_to_end_compare_resume_eval_only(synthetic_voc, tmp_path):
+    import torchvision
+
+    from transfer.segmentation.cli import main
+
+    wfile = tmp_path / "weights" / "tv_r18.pth"
+    wfile.parent.mkdir()
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), wfile)
+    out = tmp_path / "run"
+    assert main(_tiny_args(synthetic_voc, out, ["random", str(wfile)])) == 0
+    table = (out / "comparison.md").read_text()
+    assert "| random | resnet18 | 2 |" in table and "tv_r18" in table
+    run = out / "random"
+    for name in ("config.json", "metrics.json", "results.md", "loss_curve.png", "checkpoint_last.pth"):
+        assert (run / name).is_file(), name
+    assert list((run / "samples").glob("*.png"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["metrics"]["mIoU"] <= 100.0 and metrics["class_names"][0] == "background"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["preset"] == "cpu" and cfg["crop_size"] == 64 and cfg["arch"] == "resnet18"
+
+    ckpt = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["kind"] == "transfer" and ckpt["task"] == "voc_seg" and ckpt["iter"] == 2
+    assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+    # --resume continues the same run to a longer schedule (iterations 2 -> 3), keeping the loss history.
+    assert main(_tiny_args(synthetic_voc, out, ["random"], "--resume", "--iters", "3")) == 0
+    ckpt = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["iter"] == 3 and [h["iter"] for h in ckpt["history"]] == [1, 2, 3]
+
+    # --eval-only on the checkpoint reproduces the evaluation without training.
+    before = json.loads((run / "metrics.json").read_text())["metrics"]["mIoU"]
+    assert main(_tiny_args(synthetic_voc, out, ["random"], "--resume", str(run / "checkpoint_last.pth"),
+                           "--eval-only", "--iters", "3")) == 0
+    after = json.loads((run / "metrics.json").read_text())["metrics"]["mIoU"]
+    assert after == pytest.approx(before)
+
+
+def test_cli_errors(synthetic_voc, tmp_path, capsys):
+    from transfer.segmentation.cli import main
+
+    assert main(_tiny_args(synthetic_voc, tmp_path, ["random"], "--set", "nonsense=1")) == 2
+    assert "unknown config key 'nonsense'" in capsys.readouterr().err
+    assert main(_tiny_args(synthetic_voc, tmp_path, ["random"], "--set", "val_sets=[2012-test]")) == 2
+    err = capsys.readouterr().err
+    assert "VOC2012" in err and "test.txt: image-set file not found" in err
+    assert main(_tiny_args(synthetic_voc, tmp_path, ["random"], "--eval-only")) == 2
+    assert "--eval-only needs --resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_torchrun_two_processes_syncbn(synthetic_voc, tmp_path):
+    """2 CPU processes (gloo) with cross-rank BN: same outputs as a single run would write, rank 0 only."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "transfer" / "voc_seg.py"
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script),
+           *_tiny_args(synthetic_voc, out, ["random"], "--norm", "syncbn", "--max-test-images", "3")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "random" / "metrics.json").read_text())
+    cfg = json.loads((out / "random" / "config.json").read_text())
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["per_rank_batch"] == 1
+    assert metrics["iters"] == 2 and metrics["metrics"]["num_pixels"] > 0
+    # the confusion matrix covers all 3 evaluated images (summed over the two ranks)
+    from moco_zoo.data.voc import VOCSegmentation
+
+    ds = VOCSegmentation(synthetic_voc, [("2007", "test")])
+    expected = sum(int((ds[i][1] != 255).sum()) for i in range(3))
+    assert metrics["metrics"]["num_pixels"] == expected
