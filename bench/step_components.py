@@ -7,8 +7,8 @@
 Sections (each prints a table; best-of-N wall time and the process CPU time of the best call):
 
 * ``encoder``: ResNet forward+backward (query side) and no-grad forward (key side) in fp32 / bf16 autocast and
-  NCHW / channels_last, with plain BatchNorm and with the engine's SplitBatchNorm2d (single-device shuffle-BN
-  emulation, G groups).
+  NCHW / channels_last, with plain BatchNorm, with the engine's SplitBatchNorm2d (single-device shuffle-BN
+  emulation, G groups) and with ``split-layout``, a candidate with the same math that keeps channels_last.
 * ``momentum``: key-encoder momentum update, per-parameter Python loop (the original code) vs torch._foreach ops.
 * ``logits``: InfoNCE logits forward+backward: einsum positives + einsum over ``queue.clone()`` + cat + in-place
   divide (the original code) vs one mm against the queue without a clone (ours), fp32 and bf16.
@@ -45,6 +45,41 @@ def timed(fn, repeat: int, warmup: int = 1) -> Dict[str, float]:
     return {"ms": best * 1e3, "cpu_ms": best_cpu * 1e3, "mean_ms": total / repeat * 1e3}
 
 
+def split_bn_layout_class():
+    """A candidate for the engine: SplitBatchNorm2d with the same math (group of sample i = i % G, same running
+    statistics) that keeps the input's memory format. The engine's version folds the groups into channels with a
+    reshape, which for a channels_last input is a copy and returns NCHW, so every BN layer undoes channels_last."""
+    from pretrain.shuffle_bn import SplitBatchNorm2d
+
+    class SplitBatchNorm2dLayout(SplitBatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            g = self._groups(n) if self.training else 1
+            if g <= 1 or n % g:
+                return super().forward(x)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            xf = x.unflatten(0, (n // g, g)).float()  # (N/G, G, C, H, W): sample a*G + j is in group j; a view
+            var, mean = torch.var_mean(xf, dim=(0, 3, 4), unbiased=False)  # (G, C)
+            scale = torch.rsqrt(var + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight
+            shift = -mean * scale
+            if self.bias is not None:
+                shift = shift + self.bias
+            y = xf * scale[None, :, :, None, None] + shift[None, :, :, None, None]  # keeps x's strides
+            if self.running_mean is not None:
+                m = (n // g) * x.shape[2] * x.shape[3]
+                with torch.no_grad():
+                    self.running_mean.mul_(1 - factor).add_(mean.detach().mean(0), alpha=factor)
+                    self.running_var.mul_(1 - factor).add_((var.detach() * m / max(m - 1, 1)).mean(0),
+                                                           alpha=factor)
+            return y.to(x.dtype).flatten(0, 1)
+
+    return SplitBatchNorm2dLayout
+
+
 def make_resnet(arch: str) -> nn.Module:
     import timm
 
@@ -60,11 +95,13 @@ def encoder_section(args) -> List[Dict[str, Any]]:
     if args.quick:
         cases = [("resnet18", 64, 8)]
     for arch, size, batch in cases:
-        for bn in ("bn", "split"):
+        for bn in args.bn_modes.split(","):
             torch.manual_seed(0)
             model = make_resnet(arch).train()
             if bn == "split":
                 SplitBatchNorm2d.convert(model, args.groups)
+            elif bn == "split-layout":
+                split_bn_layout_class().convert(model, args.groups)
             x0 = torch.randn(batch, 3, size, size)
             for layout in ("nchw", "channels_last"):
                 mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -84,13 +121,16 @@ def encoder_section(args) -> List[Dict[str, Any]]:
                         with torch.no_grad(), ctx():
                             model(x)
 
+                    if prec not in args.precisions.split(",") or layout not in args.layouts.split(","):
+                        continue
                     a = timed(fwd_bwd, args.repeat)
                     b = timed(fwd_nograd, args.repeat)
                     # one MoCo step's encoder work: query fwd+bwd + key fwd (no grad)
                     step_ms = a["ms"] + b["ms"]
                     rows.append({"arch": f"{arch}@{size}", "batch": batch, "bn": bn, "layout": layout,
                                  "precision": prec, "fwd_bwd_ms": a["ms"], "fwd_nograd_ms": b["ms"],
-                                 "img_s": batch / step_ms * 1e3})
+                                 "cpu_ms": a["cpu_ms"] + b["cpu_ms"], "img_s": batch / step_ms * 1e3,
+                                 "img_cpu_s": batch / (a["cpu_ms"] + b["cpu_ms"]) * 1e3})
             del model
     return rows
 
@@ -252,7 +292,7 @@ def loader_section(args) -> List[Dict[str, Any]]:
 
 SECTIONS = {
     "encoder": (encoder_section, ["arch", "batch", "bn", "layout", "precision", "fwd_bwd_ms", "fwd_nograd_ms",
-                                  "img_s"]),
+                                  "img_s", "img_cpu_s"]),
     "momentum": (momentum_section, ["arch", "params_M", "impl", "ms", "cpu_ms", "mean_ms"]),
     "logits": (logits_section, ["shape", "precision", "impl", "ms", "cpu_ms", "mean_ms"]),
     "sgd": (sgd_section, ["arch", "impl", "ms", "cpu_ms", "mean_ms", "error"]),
@@ -271,6 +311,10 @@ def main(argv=None) -> int:
     parser.add_argument("--r18-batch", type=int, default=64)
     parser.add_argument("--logits-batch", type=int, default=256)
     parser.add_argument("--groups", type=int, default=8, help="SplitBatchNorm2d groups")
+    parser.add_argument("--bn-modes", default="bn,split,split-layout",
+                        help="encoder section: plain BN, the engine's SplitBatchNorm2d, the layout-keeping candidate")
+    parser.add_argument("--precisions", default="fp32,bf16", help="encoder section precisions")
+    parser.add_argument("--layouts", default="nchw,channels_last", help="encoder section layouts")
     parser.add_argument("--data-dir", default=str(C.BENCH_DIR / ".data"))
     args = parser.parse_args(argv)
     if args.quick:

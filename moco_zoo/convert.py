@@ -71,6 +71,8 @@ __all__ = [
     "md5_file",
     "adapt_pos_embed",
     "verify_md5",
+    "download_verified",
+    "url_cache_path",
     "OUTPUT_FORMATS",
 ]
 
@@ -635,3 +637,34 @@ def verify_md5(path: PathLike, expected_prefix: Optional[str]) -> str:
         )
     return digest
 
+
+
+def url_cache_path(url: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` (timm's ``url`` loader) caches ``url``."""
+    from urllib.parse import urlparse
+
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / os.path.basename(urlparse(url).path)
+
+
+def download_verified(
+    url: str, md5_prefix: Optional[str] = None, *, cache_dir: Optional[PathLike] = None, progress: bool = False
+) -> Path:
+    """Download ``url`` into timm/torch.hub's url cache (reused if present) and check its md5 prefix.
+
+    A file with the wrong checksum is deleted and :class:`CheckpointError` raised, before anything unpickles it.
+    """
+    path = url_cache_path(url, cache_dir)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=progress)
+        except Exception as e:
+            raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from e
+    if md5_prefix:
+        try:
+            verify_md5(path, md5_prefix)
+        except CheckpointError:
+            path.unlink(missing_ok=True)
+            raise
+    return path

@@ -15,10 +15,8 @@ Weight sources, per entry:
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Dict, Optional
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -29,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from . import zoo
 from .checkpoint import CheckpointError
-from .convert import adapt_pos_embed, to_canonical, verify_md5
+from .convert import adapt_pos_embed, download_verified, to_canonical
 
 __all__ = ["default_cfgs", "checkpoint_filter_fn", "pretrained_cfg_for_entry", "moco_r50", "moco_vit_small",
            "moco_vit_base"]
@@ -152,12 +150,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     return out
 
 
-def _hub_cache_path(url: str, cache_dir: Optional[str]) -> str:
-    """Where ``torch.hub.load_state_dict_from_url`` (timm's ``url`` loader) caches ``url``."""
-    folder = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
-    return os.path.join(folder, os.path.basename(urlparse(url).path))
-
-
 def _prefetch_verified(variant: str, kwargs: Dict[str, Any]) -> None:
     """Download the authors' file into timm's url cache and check its md5 prefix before timm unpickles it."""
     cfg = resolve_pretrained_cfg(
@@ -175,16 +167,7 @@ def _prefetch_verified(variant: str, kwargs: Dict[str, Any]) -> None:
     entry = zoo.find_entry(f"{variant}.{cfg.tag}" if cfg.tag else variant)
     md5 = entry.source.md5_prefix if entry is not None else None
     url = cfg.url if isinstance(cfg.url, str) else cfg.url[0]
-    path = _hub_cache_path(url, kwargs.get("cache_dir"))
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.hub.download_url_to_file(url, path, progress=False)
-    if md5:
-        try:
-            verify_md5(path, md5)
-        except CheckpointError:
-            os.remove(path)
-            raise
+    download_verified(url, md5, cache_dir=kwargs.get("cache_dir"))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -124,15 +124,12 @@ class MoCo(nn.Module):
         """
         keys = concat_all_gather(keys)  # (W*N)xC
         n = keys.shape[0]
-        ptr = int(self.queue_ptr[0])
-        if n >= self.K:
-            start = ptr + n - self.K  # only the newest K keys survive
-            keys, n_write = keys[-self.K:], self.K
-        else:
-            start, n_write = ptr, n
-        cols = (start + torch.arange(n_write, device=keys.device)) % self.K
-        self.queue[:, cols] = keys.T.to(self.queue.dtype)  # CxN
-        self.queue_ptr[0] = (ptr + n) % self.K
+        offset = max(0, n - self.K)  # a batch larger than K: only its newest K keys survive
+        keys = keys[offset:]
+        # Column of key j: (ptr + offset + j) mod K, computed on the device (no host sync on the pointer).
+        cols = (self.queue_ptr + offset + torch.arange(keys.shape[0], device=keys.device)) % self.K
+        self.queue.index_copy_(1, cols, keys.T.to(self.queue.dtype))  # CxN
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
 
     @torch.no_grad()
     def update_memory_bank(self, keys: torch.Tensor, index: torch.Tensor) -> None:

@@ -20,6 +20,12 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    # huggingface_hub reads its cache path once at import; point the already-imported constants here too.
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_HUB_CACHE", str(home / "hub"), raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def _optimizer_state(n: int) -> Dict[str, Any]:
 
 
 def _prefixed(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    return {prefix + k: v.clone() for k, v in sd.items()}
+    return {prefix + k: v for k, v in sd.items()}
 
 
 def _mlp_bn(in_dim: int, hidden: int, out: int) -> nn.Sequential:

@@ -55,8 +55,8 @@ def _official_v2(arch: str, path: Path, seed: int = 0) -> dict:
     """An official facebookresearch/moco v2 file (``module.encoder_q.*`` with the MLP head, queue); returns the
     expected canonical backbone."""
     torch.manual_seed(seed)
-    backbone = timm.create_model(arch, num_classes=0).state_dict()
-    dim = timm.create_model(arch, num_classes=0).num_features
+    model = timm.create_model(arch, num_classes=0)
+    backbone, dim = model.state_dict(), model.num_features
     sd = {f"module.encoder_q.{k}": v for k, v in backbone.items()}
     sd.update({"module.encoder_q.fc.0.weight": torch.randn(64, dim), "module.encoder_q.fc.0.bias": torch.zeros(64),
                "module.encoder_q.fc.2.weight": torch.randn(16, 64), "module.encoder_q.fc.2.bias": torch.zeros(16),

@@ -174,6 +174,32 @@ def test_pretrained_url_md5_mismatch_is_refused(official_v2, loopback_server):
     assert not (Path(torch.hub.get_dir()) / "checkpoints" / path.name).exists()
 
 
+def test_pretrained_url_is_loaded_weights_only(tmp_path, monkeypatch):
+    """A served file that needs full unpickling is refused by the url loader (torch.load(weights_only=True))."""
+    import argparse
+    import pickle
+
+    ckpt, _ = of.official_v1v2("v1", "resnet50", seed=26, **LITE)
+    ckpt["args"] = argparse.Namespace(lr=0.03)
+    folder = tmp_path / "srv"
+    folder.mkdir()
+    path = folder / "moco_v1_200ep_pretrain.pth.tar"
+    torch.save(ckpt, path)
+    _patch_md5(monkeypatch, "moco_r50.v1_200ep", convert.md5_file(path)[:8])
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
+        with pytest.raises(pickle.UnpicklingError):
+            timm.create_model("moco_r50.v1_200ep", pretrained=True, pretrained_cfg_overlay=dict(url=url), **LITE)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def test_pretrained_from_local_file_any_format(official_v2, tmp_path):
     path, encoder = official_v2
     model = timm.create_model("moco_r50.v2_800ep", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **LITE)

@@ -15,26 +15,32 @@ from .conftest import REPO, tiny_args
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("mechanism", ["moco"])
+@pytest.mark.parametrize("mechanism", ["moco", pytest.param("memory_bank", marks=pytest.mark.slow),
+                                       pytest.param("end2end", marks=pytest.mark.slow)])
 def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefolder, tmp_path, mechanism):
     out, dump = tmp_path / "run", tmp_path / "dump"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MOCO_ZOO_DUMP_RANK_STATE=str(dump))
     # global batch 8 = 2 ranks x 4; K=20 is not a multiple of 8: the queue wraps around.
     args = tiny_args(tiny_imagefolder, out, "--moco-k", "20", "--max-steps", "3", "--mechanism", mechanism,
-                     "--shuffle-bn", "ddp")
+                     "--shuffle-bn", "ddp" if mechanism == "moco" else "auto")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "pretrain" / "main_moco.py"), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = safe_torch_load(dump / "rank0.pt"), safe_torch_load(dump / "rank1.pt")
     assert r0.keys() == r1.keys()
-    assert int(r0["queue_ptr"]) == (3 * 8) % 20
-    assert torch.equal(r0["queue"], r1["queue"])
+    if mechanism == "moco":
+        assert int(r0["queue_ptr"]) == (3 * 8) % 20
+        assert torch.equal(r0["queue"], r1["queue"])
+    if mechanism == "memory_bank":
+        assert torch.equal(r0["memory_bank"], r1["memory_bank"])
     k_params = [k for k in r0 if k.startswith("encoder_k.") and "running" not in k and "num_batches" not in k]
-    assert k_params
-    for k in k_params + [k for k in r0 if k.startswith("encoder_q.") and "running" not in k]:
+    assert bool(k_params) == (mechanism == "moco")
+    q_params = [k for k in r0 if k.startswith("encoder_q.") and "running" not in k and "num_batches" not in k]
+    for k in k_params + q_params:
         assert torch.equal(r0[k], r1[k]), k
     ck = safe_torch_load(list_checkpoints(out / "checkpoints")[0][1])
     assert ck["global_step"] == 3 and ck["rng"]["world_size"] == 2 and len(ck["rng"]["per_rank"]) == 2
-    assert torch.equal(ck["state_dict"]["queue"], r0["queue"])
+    if mechanism == "moco":
+        assert torch.equal(ck["state_dict"]["queue"], r0["queue"])
     assert not any(k.startswith("module.") for k in ck["state_dict"])

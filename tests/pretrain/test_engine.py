@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,15 +17,42 @@ from moco_zoo.checkpoint import CheckpointError, safe_torch_load
 from pretrain.config import build_parser, config_from_args, make_config
 from pretrain.engine import find_resume_checkpoint, list_checkpoints, lr_factor, momentum_at, scaled_lr
 
-from .conftest import run_script, tiny_args
+from .conftest import REPO, run_script, tiny_args
+
+
+def _run_args(data, out):
+    return tiny_args(data, out, "-j", "2", "--save-every-steps", "2", "--knn-every", "1", "--plots",
+                     "--keep-checkpoints", "3")
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_imagefolder, tmp_path_factory):
-    """An uninterrupted 2-epoch run (12 steps) with checkpoints every 2 steps and 2 DataLoader workers."""
+def killed_run(tiny_imagefolder, tmp_path_factory):
+    """A subprocess run that SIGKILLs itself after global step 9 (mid-epoch 2, one step after the step-8
+    checkpoint). Started first so that it overlaps with the in-process reference run."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               MOCO_ZOO_KILL_AFTER_STEP="9")
+    proc = subprocess.Popen([sys.executable, str(REPO / "pretrain" / "main_moco.py"), *_run_args(tiny_imagefolder, out)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield out, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_imagefolder, tmp_path_factory, killed_run):
+    """An uninterrupted 2-epoch run (12 steps), in this process (same code path, one thread, 2 workers)."""
+    import torch as _torch
+
+    from pretrain.engine import train
+
     out = tmp_path_factory.mktemp("ref") / "run"
-    run_script("main_moco.py", tiny_args(tiny_imagefolder, out, "-j", "2", "--save-every-steps", "2",
-                                         "--knn-every", "1", "--plots", "--keep-checkpoints", "3"))
+    threads = _torch.get_num_threads()
+    _torch.set_num_threads(1)
+    try:
+        train(config_from_args(build_parser().parse_args(_run_args(tiny_imagefolder, out))))
+    finally:
+        _torch.set_num_threads(threads)
     return out
 
 
@@ -48,14 +79,12 @@ def test_checkpoint_follows_the_contract(reference_run):
     assert json.loads((reference_run / "config.json").read_text())["batch_size"] == 8
 
 
-def test_resume_after_sigkill_is_bit_identical(reference_run, tiny_imagefolder, tmp_path):
-    out = tmp_path / "run"
-    args = tiny_args(tiny_imagefolder, out, "-j", "2", "--save-every-steps", "2", "--knn-every", "1", "--plots",
-                     "--keep-checkpoints", "3")
-    # Killed after global step 9 (mid-epoch 2, one step after the step-8 checkpoint): SIGKILL, no cleanup.
-    killed = run_script("main_moco.py", args, env={"MOCO_ZOO_KILL_AFTER_STEP": "9"}, check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+def test_resume_after_sigkill_is_bit_identical(reference_run, killed_run, tiny_imagefolder):
+    out, proc = killed_run
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]  # killed without any cleanup
     assert [s for s, _ in list_checkpoints(out / "checkpoints")][0] == 8
+    args = _run_args(tiny_imagefolder, out)
     resumed = run_script("main_moco.py", args + ["--resume", "auto"])
     assert "resumed from" in resumed.stderr and "checkpoint_000000008.pth" in resumed.stderr
     ref = safe_torch_load(list_checkpoints(reference_run / "checkpoints")[0][1])

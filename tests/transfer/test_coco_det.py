@@ -10,7 +10,7 @@ from transfer.engine.cli import main
 from transfer.evaluation.coco import COCO_STAT_NAMES
 
 TINY = ["--preset", "cpu", "--arch", "resnet18", "--batch-size", "2", "--max-test-images", "3", "--iters", "2",
-        "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "log_period=1",
+        "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "box_detections_per_img=10", "--set", "log_period=1",
         "--set", "min_size_train=[96,112]", "--set", "min_size_test=112", "--set", "num_vis=2",
         "--set", "vis_score_thresh=0.0"]
 

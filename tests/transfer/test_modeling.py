@@ -13,7 +13,8 @@ from transfer.modeling.detector import C4RoIAlign, PooledHead, Res5Head
 
 SMALL = dict(min_size=(96,), max_size=128, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=200,
              rpn_post_nms_top_n_train=64, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=32,
-             rpn_batch_size_per_image=32, box_batch_size_per_image=16, roi_resolution=8)
+             rpn_batch_size_per_image=32, box_batch_size_per_image=16, roi_resolution=8,
+             box_detections_per_img=10)
 
 
 def _batch(mask=False):

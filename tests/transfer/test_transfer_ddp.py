@@ -46,7 +46,7 @@ def test_two_process_torchrun_voc_det(synthetic_voc, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
            "--data-root", str(synthetic_voc), "--weights", "random", "--out", str(out), "--preset", "cpu",
            "--arch", "resnet18", "--iters", "3", "--batch-size", "2", "--max-test-images", "4", "--threads", "1",
-           "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "log_period=1",
+           "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "box_detections_per_img=10", "--set", "log_period=1",
            "--set", "min_size_train=[96,112]", "--set", "min_size_test=112", "--set", "num_vis=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -18,7 +18,7 @@ from transfer.engine.cli import main, run_dirs
 REPO = Path(__file__).resolve().parents[2]
 # a tiny, fast version of the cpu preset
 TINY = ["--preset", "cpu", "--arch", "resnet18", "--batch-size", "2", "--max-test-images", "3",
-        "--set", "log_period=1", "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30",
+        "--set", "log_period=1", "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "box_detections_per_img=10",
         "--set", "min_size_train=[96,112]", "--set", "min_size_test=112", "--set", "num_vis=2"]
 
 

@@ -164,9 +164,14 @@ def test_torchrun_two_processes_syncbn(synthetic_voc, tmp_path):
     import subprocess
     import sys
 
+    import socket
+
     script = Path(__file__).resolve().parents[2] / "transfer" / "voc_seg.py"
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script),
+    with socket.socket() as s:  # torchrun's static rendezvous needs a concrete free port (0 hangs)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
            *_tiny_args(synthetic_voc, out, ["random"], "--norm", "syncbn", "--max-test-images", "3")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

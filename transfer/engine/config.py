@@ -116,8 +116,8 @@ _CPU = {
     "rpn_post_nms_top_n_train": 256,
     "rpn_post_nms_top_n_test": 100,
     "rpn_batch_size_per_image": 64,
-    "box_batch_size_per_image": 64,
-    "box_detections_per_img": 50,
+    "box_batch_size_per_image": 16,  # the C4 res5 head runs once per RoI: the main CPU cost
+    "box_detections_per_img": 20,
     "batch_size": 4,
     "lr": 0.02,
     "lr_reference_batch": 4,

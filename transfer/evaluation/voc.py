@@ -46,7 +46,9 @@ def voc_ap(recall, precision, use_07_metric: bool = True) -> float:
     """AP (0..1) from a recall / precision curve ordered by decreasing score.
 
     ``use_07_metric``: VOC2007 11-point interpolation; otherwise the area under the precision envelope (VOC2010+).
-    An empty curve gives 0.
+    An empty curve gives 0. The 11 recall levels are compared with a 1e-12 tolerance, so a recall of exactly 3/10
+    counts at level 0.3 (the py-faster-rcnn / detectron2 port builds its levels with ``np.arange(0, 1.1, 0.1)``,
+    whose 0.3 is 0.30000000000000004 and misses it; the two differ only when a recall lands exactly on a level).
     """
     rec = np.asarray(recall, dtype=np.float64).ravel()
     prec = np.asarray(precision, dtype=np.float64).ravel()
