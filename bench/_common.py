@@ -24,6 +24,14 @@ if str(REPO_ROOT) not in sys.path:  # so `python bench/x.py` finds moco_zoo/ and
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def default_data_dir() -> str:
+    """Where benchmarks generate their synthetic data: ``$MOCO_ZOO_DATA/bench`` or ``~/.cache/moco_zoo/data/bench``
+    (outside the repository, shared with moco_zoo.data's cache root)."""
+    env = os.environ.get("MOCO_ZOO_DATA")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "moco_zoo" / "data"
+    return str(root / "bench")
+
+
 def set_threads(threads: Optional[int]) -> int:
     """Set torch intra-op threads (default: all cores this process may use); return the value in effect."""
     import torch

@@ -8,7 +8,7 @@
 Two modes per configuration (``--configs``, default ResNet-50 at 224 px and ResNet-18 at 64 px):
 
 * ``e2e``: JPEG decode + two augmented views in DataLoader workers + the MoCo step, on an ImageFolder of JPEGs
-  generated with ``moco_zoo.data.write_imagefolder`` (cached under bench/.data or ``--data-dir``).
+  generated with ``moco_zoo.data.write_imagefolder`` (cached under ``$MOCO_ZOO_DATA/bench`` or ``~/.cache/moco_zoo/data/bench``; ``--data-dir``).
 * ``step``: the MoCo step alone on in-memory tensors (forward of both encoders, InfoNCE loss, backward, SGD step,
   momentum update, queue update).
 
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (DataLoader start-up, allocator)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 3 at >=128 px, 8 below)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate ours/reference this many times, keep best")
-    parser.add_argument("--data-dir", default=str(C.BENCH_DIR / ".data"), help="where the JPEG ImageFolders go")
+    parser.add_argument("--data-dir", default=C.default_data_dir(), help="where the JPEG ImageFolders go")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-run timeout in seconds")
     args = parser.parse_args(argv)
     if args._worker:

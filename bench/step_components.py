@@ -8,7 +8,8 @@ Sections (each prints a table; best-of-N wall time and the process CPU time of t
 
 * ``encoder``: ResNet forward+backward (query side) and no-grad forward (key side) in fp32 / bf16 autocast and
   NCHW / channels_last, with plain BatchNorm, with the engine's SplitBatchNorm2d (single-device shuffle-BN
-  emulation, G groups) and with ``split-layout``, a candidate with the same math that keeps channels_last.
+  emulation, G groups) and with two candidates that keep channels_last: ``split-layout`` (same math, statistics
+  with var_mean on a (N/G, G, C, H, W) view) and ``split-chunks`` (contiguous groups, native batch_norm per chunk).
 * ``momentum``: key-encoder momentum update, per-parameter Python loop (the original code) vs torch._foreach ops.
 * ``logits``: InfoNCE logits forward+backward: einsum positives + einsum over ``queue.clone()`` + cat + in-place
   divide (the original code) vs one mm against the queue without a clone (ours), fp32 and bf16.
@@ -80,6 +81,38 @@ def split_bn_layout_class():
     return SplitBatchNorm2dLayout
 
 
+def split_bn_chunks_class():
+    """A second candidate: groups are contiguous blocks of the batch (sample i in group i // (N/G)), one native
+    batch_norm per block, outputs concatenated (keeps the memory format). Equal to the i % G grouping when the
+    encoder's input is reordered by (i % G, i // G) first and its N x dim output is put back in order afterwards
+    (BN is the only op in a ResNet that mixes samples), so the engine can keep its current semantics exactly."""
+    from pretrain.shuffle_bn import SplitBatchNorm2d
+
+    class SplitBatchNorm2dChunks(SplitBatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            g = self._groups(n) if self.training else 1
+            if g <= 1 or n % g:
+                return super().forward(x)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            outs, rms, rvs = [], [], []
+            for chunk in x.chunk(g, dim=0):
+                rm = self.running_mean.clone() if self.running_mean is not None else None
+                rv = self.running_var.clone() if self.running_var is not None else None
+                outs.append(F.batch_norm(chunk, rm, rv, self.weight, self.bias, True, factor, self.eps))
+                rms.append(rm)
+                rvs.append(rv)
+            if self.running_mean is not None:
+                with torch.no_grad():
+                    self.running_mean.copy_(torch.stack(rms).mean(0))
+                    self.running_var.copy_(torch.stack(rvs).mean(0))
+            return torch.cat(outs, dim=0)
+
+    return SplitBatchNorm2dChunks
+
+
 def make_resnet(arch: str) -> nn.Module:
     import timm
 
@@ -102,6 +135,8 @@ def encoder_section(args) -> List[Dict[str, Any]]:
                 SplitBatchNorm2d.convert(model, args.groups)
             elif bn == "split-layout":
                 split_bn_layout_class().convert(model, args.groups)
+            elif bn == "split-chunks":
+                split_bn_chunks_class().convert(model, args.groups)
             x0 = torch.randn(batch, 3, size, size)
             for layout in ("nchw", "channels_last"):
                 mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -311,11 +346,11 @@ def main(argv=None) -> int:
     parser.add_argument("--r18-batch", type=int, default=64)
     parser.add_argument("--logits-batch", type=int, default=256)
     parser.add_argument("--groups", type=int, default=8, help="SplitBatchNorm2d groups")
-    parser.add_argument("--bn-modes", default="bn,split,split-layout",
+    parser.add_argument("--bn-modes", default="bn,split,split-layout,split-chunks",
                         help="encoder section: plain BN, the engine's SplitBatchNorm2d, the layout-keeping candidate")
     parser.add_argument("--precisions", default="fp32,bf16", help="encoder section precisions")
     parser.add_argument("--layouts", default="nchw,channels_last", help="encoder section layouts")
-    parser.add_argument("--data-dir", default=str(C.BENCH_DIR / ".data"))
+    parser.add_argument("--data-dir", default=C.default_data_dir())
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat = 1

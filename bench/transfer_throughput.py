@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     if not data_root:
         from moco_zoo.data import ensure_dataset
 
-        data_root = str(ensure_dataset("voc", root=str(C.BENCH_DIR / ".data"), num_images=args.images,
+        data_root = str(ensure_dataset("voc", root=C.default_data_dir(), num_images=args.images,
                                        voc2012=True))
     rows: List[Dict[str, Any]] = []
     for det in [d for d in args.detectors.split(",") if d]:

@@ -87,7 +87,7 @@ def _torchvision_state_dict(arch: str) -> Dict[str, torch.Tensor]:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError) as e:
         raise ValueError(f"torchvision has no supervised ImageNet weights for {arch!r}") from e
-    sd = weights.get_state_dict(progress=False, check_hash=False)
+    sd = weights.get_state_dict(progress=False, check_hash=False, weights_only=True)
     return {k: v for k, v in sd.items() if not k.startswith("fc.")}
 
 

@@ -100,6 +100,9 @@ OFFICIAL_ARCH_TO_TIMM = {
     "vit_conv_base": "vit_base_patch16_224",
 }
 
+# timm names whose default head count differs from MoCo v3's model of the same size.
+_MOCO_V3_ARCH_FIX = {"vit_small_patch16_224": "moco_vit_small"}
+
 _RESNET_DEPTHS = {
     (False, (2, 2, 2, 2)): "resnet18",
     (False, (3, 4, 6, 3)): "resnet34",
@@ -468,6 +471,11 @@ def to_canonical(
                 continue
             final_arch = cand
             break
+    if final_arch in _MOCO_V3_ARCH_FIX and (
+        fmt == FORMAT_OFFICIAL_V3 or hint in OFFICIAL_ARCH_TO_TIMM or meta.get("source_format") == FORMAT_OFFICIAL_V3
+    ):
+        # MoCo v3's ViT-S has 12 heads: same parameter shapes as timm's 6-head ViT-S, different computation.
+        final_arch = _MOCO_V3_ARCH_FIX[final_arch]
     info: Dict[str, Any] = {}
     if isinstance(obj, Mapping):
         for k in ("epoch", "moco_version", "mechanism", "metrics", "source", "config"):
@@ -566,7 +574,7 @@ def dumps_detectron2(converted: ConvertedCheckpoint) -> bytes:
     """The bytes of a detectron2 weight file (``DetectionCheckpointer`` accepts it as a ``.pkl``)."""
     obj = {"model": to_detectron2_state_dict(converted), "__author__": "MOCO", "matching_heuristics": True}
     buf = io.BytesIO()
-    _NumpyCompatPickler(buf, protocol=2).dump(obj)
+    _NumpyCompatPickler(buf, protocol=4).dump(obj)  # native bytes: no latin-1 blow-up
     return buf.getvalue()
 
 
@@ -585,7 +593,21 @@ def save_timm(converted: ConvertedCheckpoint, out: PathLike, *, with_head: bool 
         if converted.class_names:
             meta["class_names"] = json.dumps(list(converted.class_names))
     tensors = {k: v.contiguous() for k, v in converted.full_state_dict(with_head).items()}
-    return atomic_write_bytes(out, st_save(tensors, metadata=meta))
+    return atomic_write_bytes(out, _sorted_safetensors_header(st_save(tensors, metadata=meta)))
+
+
+def _sorted_safetensors_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted.
+
+    safetensors writes metadata in hash-map order, so identical weights would get a different sha256 on every save
+    (and a new Hub commit on every republish). Data offsets are relative to the end of the header, so only the header
+    changes: 8-byte little-endian length, JSON, space padding to a multiple of 8.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def save_torchvision(converted: ConvertedCheckpoint, out: PathLike, *, with_head: bool = True) -> Path:

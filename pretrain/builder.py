@@ -34,10 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_zoo.device import is_distributed, rank, world_size
+from moco_zoo.device import rank
 
 from .heads import backbone_features, build_encoder
-from .shuffle_bn import (SplitBatchNorm2d, batch_shuffle_ddp, batch_shuffle_single, batch_unshuffle_ddp,
+from .shuffle_bn import (SplitBatchNorm2d, all_gather_with_grad, batch_shuffle_ddp, batch_shuffle_single, batch_unshuffle_ddp,
                          batch_unshuffle_single, concat_all_gather)
 
 
@@ -175,12 +175,7 @@ class MoCo(nn.Module):
             k = batch_unshuffle_single(F.normalize(self.encoder_q(im_k), dim=1), idx_unshuffle)
         else:
             k = F.normalize(self.encoder_q(im_k), dim=1)  # NxC, with gradient
-        if is_distributed() and world_size() > 1:
-            import torch.distributed.nn.functional as dnnf
-
-            k_all = torch.cat(dnnf.all_gather(k), dim=0)  # (W*N)xC, differentiable
-        else:
-            k_all = k
+        k_all = all_gather_with_grad(k)  # (W*N)xC, differentiable
         logits = torch.mm(q, k_all.T) / self.T  # Nx(W*N): the positive of row i is column rank*N + i
         labels = torch.arange(n, device=q.device) + rank() * n
         return MocoOutput(logits, labels)

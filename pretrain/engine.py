@@ -280,9 +280,15 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, cfg))
         self.ddp_model: nn.Module = self.model
         if self.world > 1:
+            # The queue / memory bank are identical on every rank by construction and BN buffers are broadcast by
+            # _broadcast_bn_buffers, so DDP must not broadcast all buffers (the queue!) at every forward.
+            import inspect
+
+            sync_kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                       inspect.signature(nn.parallel.DistributedDataParallel).parameters else
+                       {"broadcast_buffers": False})
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)  # queue/bank are identical by construction; BN stats stay per rank
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None, **sync_kw)
         self.criterion = nn.CrossEntropyLoss()
         seed_everything(cfg.seed + 1000 * self.rank + 1)  # per-rank streams (shuffle perms, bank negatives)
 
@@ -399,7 +405,7 @@ class Trainer:
     def _broadcast_bn_buffers(self) -> None:
         """Rank 0's BN running statistics of the query encoder to every rank (one coalesced broadcast per dtype)."""
         bufs = [b for b in self.model.encoder_q.buffers()]
-        for dtype in {b.dtype for b in bufs}:
+        for dtype in sorted({b.dtype for b in bufs}, key=str):  # same order on every rank (set order is not)
             group = [b for b in bufs if b.dtype == dtype]
             flat = torch.cat([b.reshape(-1) for b in group])
             dist.broadcast(flat, src=0)

@@ -34,6 +34,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # DataError, UnknownArchError, CheckpointError: named causes
         print(f"main_moco: error: {e}", file=sys.stderr)
         return 2
+    from moco_zoo.device import is_distributed, is_main_process
+
+    main_process = is_main_process()
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not main_process:
+        return 0
     print(f"done: global step {summary['global_step']}, checkpoint {summary['checkpoint']}"
           + (f", kNN top-1 {summary['knn'].get('knn_top1', float('nan')):.2f}%" if summary["knn"] else ""))
     return 0

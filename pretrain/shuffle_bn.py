@@ -33,6 +33,43 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+_GRAD_GROUP = None
+
+
+def _grad_group():
+    """A process group of its own for the differentiable gather, so that its backward all_reduce never interleaves
+    with DistributedDataParallel's asynchronous gradient buckets on the default group."""
+    global _GRAD_GROUP
+    if _GRAD_GROUP is None:
+        _GRAD_GROUP = dist.new_group()
+    return _GRAD_GROUP
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks (all_reduce) and returns this rank's slice.
+    Works with gloo (torch.distributed.nn's version needs reduce_scatter, which gloo lacks)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous(), group=_grad_group())
+        ctx.n = x.shape[0]
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=_grad_group())
+        return grad[rank() * ctx.n:(rank() + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable concat of ``x`` from all ranks along dim 0 (identity without DDP)."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
 @torch.no_grad()
 def batch_shuffle_ddp(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Shuffle the global batch across ranks. x: NxCxHxW (local) -> (this rank's shuffled NxCxHxW, unshuffle index)."""

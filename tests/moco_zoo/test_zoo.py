@@ -141,3 +141,17 @@ def test_cli_list(capsys):
     assert zoo_cli.main(["list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in rows} == set(OFFICIAL) | set(LINCLS)
+
+
+def test_installed_share_location_is_found(tmp_path, monkeypatch):
+    """A non-editable install finds <prefix>/share/moco-zoo/hub_configs (setup.py data_files)."""
+    import sys
+
+    share = tmp_path / "prefix" / "share" / "moco-zoo" / "hub_configs"
+    shutil.copytree(REPO_CONFIGS, share)
+    monkeypatch.delenv("MOCO_ZOO_CONFIGS", raising=False)
+    monkeypatch.setattr(zoo, "__file__", str(tmp_path / "site-packages" / "moco_zoo" / "zoo.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    zoo.clear_cache()
+    assert zoo.configs_dir() == share
+    assert len(zoo.backbone_entries()) == 8

@@ -37,7 +37,6 @@ DRIVER = textwrap.dedent('''
 
 
 @pytest.mark.ddp
-@pytest.mark.slow
 def test_two_process_torchrun_voc_det(synthetic_voc, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

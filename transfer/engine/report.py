@@ -80,13 +80,16 @@ def plot_losses(history: List[Dict[str, float]], path: Path, title: str = "") ->
 
 
 def draw_prediction(image: torch.Tensor, output: Dict[str, torch.Tensor], class_names: Sequence[str],
-                    score_thresh: float = 0.5, max_boxes: int = 20) -> torch.Tensor:
-    """uint8 CHW image with the predicted boxes (class and score) and masks above ``score_thresh`` drawn."""
+                    score_thresh: float = 0.5, max_boxes: int = 20, min_boxes: int = 3) -> torch.Tensor:
+    """uint8 CHW image with the predicted boxes (class and score) and masks above ``score_thresh`` drawn; the
+    ``min_boxes`` best detections are drawn even below the threshold (early in training scores are low)."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     img = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
     scores = output["scores"].cpu()
-    keep = torch.nonzero(scores >= score_thresh).flatten()[:max_boxes]
+    order = torch.argsort(scores, descending=True)
+    n = max(int((scores >= score_thresh).sum()), min(min_boxes, len(scores)))
+    keep = order[:min(n, max_boxes)]
     if len(keep) == 0:
         return img
     palette = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",

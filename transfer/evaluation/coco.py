@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Hashable, Iterable, List, Mapping, Sequence
 
 import numpy as np
 import torch

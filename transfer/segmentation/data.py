@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
@@ -86,6 +87,11 @@ def split_sets(items: Sequence[str]) -> List[Tuple[str, str]]:
 
 
 def build_datasets(cfg: Dict[str, Any], data_root: str):
+    """``(train, val)`` VOCSegmentation datasets; ``data_root`` is the VOCdevkit directory or its parent."""
+    root = Path(data_root)
+    if (root / "VOCdevkit").is_dir() and not any(root.glob("VOC20*")):
+        root = root / "VOCdevkit"
+    data_root = str(root)
     train = VOCSegmentation(data_root, split_sets(cfg["train_sets"]), mask_dir=cfg["mask_dir"],
                             transforms=SegTrainTransform(cfg["crop_size"], cfg["scale_range"], cfg["flip_prob"]))
     val = VOCSegmentation(data_root, split_sets(cfg["val_sets"]), class_names=train.class_names,

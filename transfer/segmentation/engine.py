@@ -10,7 +10,6 @@ matrix is summed over ranks); rank 0 writes files. Outputs in ``out_dir``: ``con
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional

@@ -1,7 +1,6 @@
 """COCO reader: validation errors naming the file and annotation id, and the CocoInstances dataset."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

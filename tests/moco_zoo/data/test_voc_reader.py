@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from moco_zoo.data import voc
 from moco_zoo.data.voc import (VOC_CLASSES, VOCDetection, VOCFormatError, VOCSegmentation, parse_voc_xml,
                                read_class_list, read_segmentation_png, voc_palette)
 
