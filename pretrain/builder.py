@@ -140,15 +140,19 @@ class MoCo(nn.Module):
         self.memory_bank.index_copy_(0, index, new)
 
     @torch.no_grad()
-    def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        """k = normalize(f_k(x_k)) with shuffled BN. im_k: NxCxHxW -> NxC (no gradient)."""
+    def encode_keys(self, im_k: torch.Tensor, encoder: Optional[nn.Module] = None) -> torch.Tensor:
+        """k = normalize(f_k(x_k)) with shuffled BN. im_k: NxCxHxW -> NxC (no gradient).
+
+        ``encoder`` defaults to the key encoder; the memory bank encodes its positive keys with the query encoder.
+        """
+        encoder = self.encoder_k if encoder is None else encoder
         if self.shuffle_bn == "ddp":
             im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
-            return batch_unshuffle_ddp(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
+            return batch_unshuffle_ddp(F.normalize(encoder(im_k), dim=1), idx_unshuffle)
         if self.shuffle_bn == "split":
             im_k, idx_unshuffle = batch_shuffle_single(im_k)
-            return batch_unshuffle_single(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
-        return F.normalize(self.encoder_k(im_k), dim=1)
+            return batch_unshuffle_single(F.normalize(encoder(im_k), dim=1), idx_unshuffle)
+        return F.normalize(encoder(im_k), dim=1)
 
     # ------------------------------------------------------------------ forward per mechanism
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: Optional[torch.Tensor] = None) -> MocoOutput:
@@ -183,7 +187,7 @@ class MoCo(nn.Module):
     def _forward_memory_bank(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor) -> MocoOutput:
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
         with torch.no_grad():
-            k = F.normalize(self.encoder_q(im_k), dim=1)  # NxC, positive key, no gradient
+            k = self.encode_keys(im_k, self.encoder_q)  # NxC, positive key, no gradient, shuffled BN
             neg_idx = torch.randint(0, self.memory_bank.shape[0], (self.K,), device=q.device)
             negatives = self.memory_bank[neg_idx].T  # CxK (a copy: the bank may be updated before backward)
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # Nx1

@@ -60,7 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--knn-every", type=int, default=5, help="kNN monitor every N epochs (and at the end)")
     p.add_argument("--mechanisms", nargs="+", default=["moco", "end2end", "memory_bank"])
     p.add_argument("--lincls-epochs", type=int, default=20)
-    p.add_argument("--lincls-lr", type=float, default=7.5, help="protocol lr 30 for batch 256, scaled to -b")
+    p.add_argument("--lincls-lr", type=float, default=1.0,
+                   help="linear-probe lr (the ImageNet protocol's 30 diverges on these small, unnormalised ResNet-18 "
+                        "features; the same lr is used for every backbone)")
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

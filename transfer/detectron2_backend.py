@@ -47,8 +47,11 @@ def detectron2_config_values(cfg: Dict[str, Any], arch: str, num_classes: int, w
     if name not in _DEPTH:
         raise ValueError(f"detectron2 engine supports torchvision-style ResNets {sorted(_DEPTH)}, not {arch!r}")
     depth = _DEPTH[name]
-    if cfg["detector"] != "c4" and cfg["detector"] != "fpn":
+    if cfg["detector"] not in ("c4", "fpn"):
         raise ValueError(f"unknown detector {cfg['detector']!r}")
+    if cfg["detector"] == "c4" and depth < 50:
+        raise ValueError(f"detectron2's C4 res5 head is built from bottleneck blocks: use --detector fpn for {arch}, "
+                         f"or the torchvision engine (which builds C4 heads for any ResNet)")
     from .engine.config import effective_batch
 
     total, _, lr = effective_batch(cfg, world_size)
@@ -189,7 +192,8 @@ def run_detectron2(cfg: Dict[str, Any], weights: str, data_root: str, out_dir, *
                    eval_only: bool = False) -> Dict[str, Any]:
     """Train and test with detectron2's DefaultTrainer; returns the same result dict as the torchvision engine."""
     require_detectron2()
-    from detectron2 import model_zoo  # noqa: F401  (import side effects: builtin registrations)
+    import os
+
     from detectron2.config import get_cfg
     from detectron2.engine import DefaultTrainer, default_setup
     from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
@@ -199,6 +203,14 @@ def run_detectron2(cfg: Dict[str, Any], weights: str, data_root: str, out_dir, *
 
     from .engine import report
 
+    from moco_zoo import device as devlib
+
+    devlib.init_distributed_from_env(None if cfg["device"] in ("auto", None) else cfg["device"])  # torchrun
+    if devlib.is_distributed() and hasattr(comm, "create_local_process_group"):
+        try:
+            comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", devlib.world_size())))
+        except Exception:  # already created by an earlier run in this process
+            pass
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     register_extra_norm_heads()

@@ -40,6 +40,8 @@ def test_resnet18_and_fpn_values():
     assert v["SOLVER.MAX_ITER"] == 180000
     with pytest.raises(ValueError, match="vit"):
         detectron2_config_values(cfg, "vit_small", 80, "", ["a"], ["b"], "out")
+    with pytest.raises(ValueError, match="--detector fpn"):
+        detectron2_config_values(dict(cfg, detector="c4"), "resnet18", 80, "", ["a"], ["b"], "out")
 
 
 def test_history_from_detectron2_metrics_lines(tmp_path):
@@ -62,7 +64,7 @@ def test_detectron2_voc_run(synthetic_voc, tmp_path):
     pytest.importorskip("detectron2")
     rc = main("voc_det", ["--data-root", str(synthetic_voc), "--weights", "random", "--engine", "detectron2",
                           "--out", str(tmp_path), "--preset", "cpu", "--arch", "resnet18", "--iters", "4",
-                          "--batch-size", "2", "--norm", "bn", "--device", "cpu"])
+                          "--batch-size", "2", "--norm", "bn", "--device", "cpu", "--detector", "fpn"])
     assert rc == 0
     m = json.loads((tmp_path / "random" / "metrics.json").read_text())
     assert m["engine"] == "detectron2" and m["metrics"]["AP50"] is not None
@@ -81,7 +83,7 @@ def test_detectron2_coco_run_with_converted_weights(synthetic_coco, tmp_path):
     pkl, _ = convert_file(tmp_path / "r18.pth", "detectron2", tmp_path / "r18.pkl", arch="resnet18")
     rc = main("coco_det", ["--data-root", str(synthetic_coco), "--weights", str(pkl), "--engine", "detectron2",
                            "--out", str(tmp_path / "o"), "--preset", "cpu", "--arch", "resnet18", "--iters", "4",
-                           "--batch-size", "2", "--norm", "bn", "--detector", "c4", "--device", "cpu"])
+                           "--batch-size", "2", "--norm", "bn", "--detector", "fpn", "--device", "cpu"])
     assert rc == 0
     m = json.loads(next((tmp_path / "o").glob("*/metrics.json")).read_text())
     assert "bbox" in m["metrics"] and "segm" in m["metrics"]

@@ -42,7 +42,8 @@ def r18_file(tmp_path_factory):
     return path, sd
 
 
-@pytest.mark.parametrize("detector,mask", [("c4", False), ("c4", True), ("fpn", False), ("fpn", True)])
+@pytest.mark.parametrize("detector,mask", [("c4", False), ("c4", True), pytest.param("fpn", False, marks=pytest.mark.slow),
+                                           ("fpn", True)])
 def test_build_train_and_predict(detector, mask):
     model, info = build_detector(4, weights="random", arch="resnet18", detector=detector, mask=mask, norm="bn", **SMALL)
     assert info.arch == "resnet18"

@@ -17,7 +17,7 @@ from transfer.engine.cli import main, run_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 # a tiny, fast version of the cpu preset
-TINY = ["--preset", "cpu", "--arch", "resnet18", "--batch-size", "2", "--max-test-images", "3",
+TINY = ["--preset", "cpu", "--arch", "resnet18", "--batch-size", "2", "--max-test-images", "2",
         "--set", "log_period=1", "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "box_detections_per_img=10",
         "--set", "min_size_train=[96,112]", "--set", "min_size_test=112", "--set", "num_vis=2"]
 
@@ -35,7 +35,7 @@ def r18_file(tmp_path_factory):
 def comparison_run(synthetic_voc, r18_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("voc_runs")
     rc = main("voc_det", ["--data-root", str(synthetic_voc), "--weights", "random", str(r18_file),
-                          "--iters", "3", "--out", str(out)] + TINY)
+                          "--iters", "2", "--out", str(out)] + TINY)
     assert rc == 0
     return out
 
@@ -45,16 +45,16 @@ def test_outputs_are_written(comparison_run):
     metrics = json.loads((run / "metrics.json").read_text())
     for k in ("AP50", "AP", "AP75", "AP50_area"):
         assert 0.0 <= metrics["metrics"][k] <= 100.0
-    assert metrics["iters"] == 3 and metrics["arch"] == "resnet18" and metrics["detector"] == "c4"
+    assert metrics["iters"] == 2 and metrics["arch"] == "resnet18" and metrics["detector"] == "c4"
     assert math.isfinite(metrics["final_loss"])
     assert (run / "results.md").read_text().startswith("# voc_det")
     assert (run / "loss_curve.png").stat().st_size > 1000
     assert len(list((run / "predictions").glob("sample_*.png"))) == 2
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["preset"] == "cpu" and cfg["iters"] == 3 and cfg["resolved"]["global_batch"] == 2
+    assert cfg["preset"] == "cpu" and cfg["iters"] == 2 and cfg["resolved"]["global_batch"] == 2
     assert cfg["min_size_train"] == [96, 112] and cfg["weights"] == "random"
     ckpt = safe_torch_load(run / CHECKPOINT_NAME)
-    assert ckpt["kind"] == "transfer" and ckpt["iteration"] == 3 and len(ckpt["history"]) == 3
+    assert ckpt["kind"] == "transfer" and ckpt["iteration"] == 2 and len(ckpt["history"]) == 2
     assert all(math.isfinite(h["loss"]) for h in ckpt["history"])
 
 
@@ -70,24 +70,24 @@ def test_comparison_table_has_one_row_per_weights(comparison_run, r18_file):
 def test_resume_restores_iteration_and_weights(comparison_run, synthetic_voc):
     run_dir = comparison_run / "random"
     saved = safe_torch_load(run_dir / CHECKPOINT_NAME)
-    cfg = resolve("voc_det", "cpu", overrides={"arch": "resnet18", "batch_size": 2, "iters": 5, "max_test_images": 2},
+    cfg = resolve("voc_det", "cpu", overrides={"arch": "resnet18", "batch_size": 2, "iters": 4, "max_test_images": 2},
                   sets={"box_batch_size_per_image": 16, "log_period": 1, "min_size_train": [96, 112],
                         "min_size_test": 112, "rpn_post_nms_top_n_test": 30, "num_vis": 1})
     run = DetectionRun(cfg, "random", str(synthetic_voc), str(run_dir), resume="auto")
     run.setup()
-    assert run.iteration == 3
+    assert run.iteration == 2
     state = run.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved["model"].items())
-    assert run.scheduler.last_epoch == 3
+    assert run.scheduler.last_epoch == 2
     run.train()
-    assert run.iteration == 5
-    assert [h["iter"] for h in run.history] == [1, 2, 3, 4, 5]
-    assert safe_torch_load(run_dir / CHECKPOINT_NAME)["iteration"] == 5
+    assert run.iteration == 4
+    assert [h["iter"] for h in run.history] == [1, 2, 3, 4]
+    assert safe_torch_load(run_dir / CHECKPOINT_NAME)["iteration"] == 4
     # resuming a finished run trains nothing more
     run2 = DetectionRun(cfg, "random", str(synthetic_voc), str(run_dir), resume="auto")
     run2.setup()
     run2.train()
-    assert run2.iteration == 5
+    assert run2.iteration == 4
 
 
 def test_lr_schedule_warmup_and_steps():
@@ -151,3 +151,15 @@ def test_script_runs_from_the_repo_root():
     out = subprocess.run([sys.executable, "transfer/voc_det.py", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--weights" in out.stdout and "paper-8img" in out.stdout
+
+
+def test_yaml_config_file_between_preset_and_flags(tmp_path):
+    from transfer.engine import ConfigError
+
+    f = tmp_path / "my.yaml"
+    f.write_text("iters: 77\nlr: 0.05\nsteps: [50, 60]\n")
+    cfg = resolve("voc_det", "cpu", str(f), overrides={"lr": 0.01}, sets={"steps": [10, 20]})
+    assert (cfg["iters"], cfg["lr"], cfg["steps"]) == (77, 0.01, [10, 20])
+    f.write_text("itres: 5\n")
+    with pytest.raises(ConfigError, match=r"my\.yaml: unknown config key 'itres'"):
+        resolve("voc_det", "cpu", str(f))

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from moco_zoo import device as devlib
-
 from . import config as cfglib
-from . import report
 
 ENGINES = ("torchvision", "detectron2")
 
@@ -93,6 +90,10 @@ def resolve_config(task: str, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def write_comparison(task: str, out: Path, results: List[Dict[str, Any]]) -> Optional[Path]:
+    from moco_zoo import device as devlib
+
+    from . import report
+
     if not devlib.is_main_process() or not results:
         return None
     table = report.markdown_table(task, results)
@@ -104,6 +105,10 @@ def write_comparison(task: str, out: Path, results: List[Dict[str, Any]]) -> Opt
 
 
 def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
+    from moco_zoo import device as devlib
+
+    from . import report
+
     cfg = resolve_config(task, args)
     out = Path(args.out)
     if args.resume not in (None, "auto") and len(args.weights) > 1:

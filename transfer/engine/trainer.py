@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -22,7 +20,7 @@ from torch.utils.data import DataLoader
 from moco_zoo import device as devlib
 from moco_zoo.checkpoint import KIND_TRANSFER, CheckpointError, atomic_torch_save, safe_torch_load
 
-from ..modeling import backbone_trunk_state, batchnorm_modules, build_detector, convert_sync_batchnorm
+from ..modeling import batchnorm_modules, build_detector, convert_sync_batchnorm
 from . import report
 from .config import dump, effective_batch
 from .data import InfiniteSampler, build_datasets, collate, shard
