@@ -11,6 +11,8 @@ Two modes per configuration (``--configs``, default ResNet-50 at 224 px and ResN
   generated with ``moco_zoo.data.write_imagefolder`` (cached under ``$MOCO_ZOO_DATA/bench`` or ``~/.cache/moco_zoo/data/bench``; ``--data-dir``).
 * ``step``: the MoCo step alone on in-memory tensors (forward of both encoders, InfoNCE loss, backward, SGD step,
   momentum update, queue update).
+* ``step-ab``: the step of ours (every variant) and of the reference built in ONE process, single steps alternating
+  round-robin: the per-round ratio is meaningful even on a machine shared with other jobs.
 
 Every measurement runs in its own subprocess (so ``ru_maxrss`` is that configuration's peak memory and nothing
 leaks between runs), with the same torch threads and the same number of DataLoader workers for ours and the
@@ -56,7 +58,55 @@ VARIANTS = {
     "bf16": dict(precision="bf16", channels_last=False, compile=False),
     "bf16-cl": dict(precision="bf16", channels_last=True, compile=False),
     "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
+    # Prototype of a proposed engine change, applied by the bench to the engine's model (see patch_split_bn):
+    "bf16-cl-splitfix": dict(precision="bf16", channels_last=True, compile=False, split_fix=True),
+    "fp32-splitfix": dict(precision="fp32", channels_last=False, compile=False, split_fix=True),
 }
+
+
+def patch_split_bn(model) -> None:
+    """PROTOTYPE (bench only, not the engine's code): make the engine's single-device split BN keep channels_last.
+
+    Every SplitBatchNorm2d normalises contiguous blocks of the batch with one native batch_norm each (the layout is
+    kept), and each encoder reorders its input by (i % G, i // G) and restores the order of its N x dim output, so
+    block j is exactly the engine's group {i : i % G == j}: the same math as the engine's fold-into-channels
+    implementation, without its NCHW copy per BN layer.
+    """
+    import torch
+    import torch.nn as nn
+
+    from step_components import split_bn_chunks_class
+    from pretrain.shuffle_bn import SplitBatchNorm2d
+
+    chunks_cls = split_bn_chunks_class()
+    groups = None
+    for m in model.modules():
+        if isinstance(m, SplitBatchNorm2d):
+            m.__class__ = chunks_cls
+            groups = m.num_splits
+    if groups is None:
+        return
+
+    class Reorder(nn.Module):
+        def __init__(self, inner: nn.Module, num_splits: int) -> None:
+            super().__init__()
+            self.inner, self.num_splits = inner, num_splits
+
+        def forward(self, x):
+            n = x.shape[0]
+            g = max(1, min(self.num_splits, n // 2))
+            if g <= 1 or n % g:
+                return self.inner(x)
+            perm = torch.arange(n, device=x.device).view(n // g, g).t().reshape(-1)
+            cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            xp = x[perm]
+            if cl:
+                xp = xp.contiguous(memory_format=torch.channels_last)
+            return self.inner(xp)[torch.argsort(perm)]
+
+    model.encoder_q = Reorder(model.encoder_q, groups)
+    if hasattr(model, "encoder_k"):
+        model.encoder_k = Reorder(model.encoder_k, groups)
 
 
 def parse_config(spec: str) -> Dict[str, Any]:
@@ -172,6 +222,8 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
             precision=v["precision"], channels_last=v["channels_last"], compile=v["compile"], epochs=1000,
             knn_every=0, progress=False, plots=False, output_dir=out, seed=0)
         trainer = Trainer(cfg)
+        if v.get("split_fix"):
+            patch_split_bn(trainer.model)
         trainer.model.train()
         losses: List[torch.Tensor] = []
 
@@ -317,6 +369,88 @@ def run_reference(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops_per_step": flops, "loss": None}
 
 
+# ------------------------------------------------------------------------------------------------ interleaved A/B
+def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Step mode with ours (each variant) and the reference in ONE process, steps alternating round-robin.
+
+    On a loaded machine, sequential runs see different load; alternating single steps gives every implementation the
+    same conditions, so the per-round ratio ours/reference is meaningful even when absolute img/s are not.
+    """
+    import statistics
+
+    import torch
+    import torch.nn as nn
+    import torchvision.models as models
+
+    from pretrain.config import make_config
+    from pretrain.engine import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    b, s = spec["batch_size"], spec["image_size"]
+    images = [torch.randn(b, 3, s, s, generator=g), torch.randn(b, 3, s, s, generator=g)]
+    steps: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = []
+        for v in spec["variants"]:
+            var = VARIANTS[v]
+            cfg = make_config(
+                data=str(Path(spec["data"]).parent), arch=spec["arch"], moco_version=spec["moco_version"],
+                image_size=s, batch_size=b, num_negatives=spec["K"], shuffle_bn=spec["shuffle_bn"],
+                shuffle_groups=spec["shuffle_groups"], workers=0, device="cpu", precision=var["precision"],
+                channels_last=var["channels_last"], compile=var["compile"], epochs=1000, knn_every=0,
+                progress=False, plots=False, output_dir=f"{tmp}/{v}", seed=0)
+            tr = Trainer(cfg)
+            if var.get("split_fix"):
+                patch_split_bn(tr.model)
+            tr.model.train()
+            trainers.append(tr)
+            steps[f"ours {v}"] = (lambda tr=tr: tr.train_step(images, torch.arange(b)))
+        if spec.get("reference"):
+            # After our Trainers are built (the gloo group below makes moco_zoo.device report "distributed" with
+            # world size 1, which our code treats as a single process anyway).
+            moco, main_moco = setup_reference(spec["reference"], tmp)
+            mlp = spec["moco_version"] == "v2"
+            model = moco.builder.MoCo(models.__dict__[spec["arch"].split(":")[-1]], 128, spec["K"], 0.999,
+                                      0.2 if mlp else 0.07, mlp)
+            if spec.get("ref_ddp", True):
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            criterion = nn.CrossEntropyLoss()
+            optimizer = torch.optim.SGD(model.parameters(), 0.03 * b / 256, momentum=0.9, weight_decay=1e-4)
+            args = argparse.Namespace(gpu=None, print_freq=10 ** 9)
+            batch = (images, torch.zeros(b, dtype=torch.long))
+
+            def ref_step():
+                with contextlib.redirect_stdout(sys.stderr):
+                    main_moco.train(TimedLoader(MemoryLoader(batch), 0, 1), model, criterion, optimizer, 0, args)
+
+            steps["reference"] = ref_step
+        for _ in range(spec["warmup"]):
+            for fn in steps.values():
+                fn()
+        walls: Dict[str, List[float]] = {k: [] for k in steps}
+        cpus: Dict[str, List[float]] = {k: [] for k in steps}
+        for _ in range(spec["steps"]):
+            for k, fn in steps.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                walls[k].append(time.perf_counter() - t0)
+                cpus[k].append(time.process_time() - c0)
+        if spec.get("reference"):
+            torch.distributed.destroy_process_group()
+    out: Dict[str, Any] = {"impls": {}}
+    for k in steps:
+        out["impls"][k] = {"img_s_median": b / statistics.median(walls[k]), "img_s_best": b / min(walls[k]),
+                           "img_per_cpu_s": b / statistics.median(cpus[k]), "walls": walls[k], "cpus": cpus[k]}
+        if "reference" in steps and k != "reference":
+            out["impls"][k]["ratio_median"] = statistics.median(
+                [r / o for o, r in zip(walls[k], walls["reference"])])
+            out["impls"][k]["ratio_cpu_median"] = statistics.median(
+                [r / o for o, r in zip(cpus[k], cpus["reference"])])
+    out["seconds"] = sum(sum(w) for w in walls.values())
+    out["cpu_seconds"] = sum(sum(c) for c in cpus.values())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ worker process
 def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
@@ -325,6 +459,11 @@ def worker_main(spec_json: str) -> int:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
+    if spec["impl"] == "ab":
+        res = run_ab(spec)
+        res.update(peak_rss_mb=C.peak_rss_mb(), threads=torch.get_num_threads(), wall_s=time.perf_counter() - t0)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
     res = run_reference(spec) if spec["impl"] == "reference" else run_ours(spec)
     res["img_s"] = spec["batch_size"] * spec["steps"] / res["seconds"]
     res["step_s"] = res["seconds"] / spec["steps"]
@@ -371,7 +510,9 @@ def main(argv=None) -> int:
                         help="path to a facebookresearch/moco checkout at commit 4397a04 (adds reference runs)")
     parser.add_argument("--configs", default=None,
                         help=f"comma list of ARCH@SIZE[:bBATCH][:kK][:sSOURCE_PX] (default {DEFAULT_CONFIGS})")
-    parser.add_argument("--modes", default="e2e,step", help="e2e (JPEG decode + augment + step) and/or step")
+    parser.add_argument("--modes", default="e2e,step",
+                        help="e2e (JPEG decode + augment + step), step (in-memory tensors), step-ab (ours and the "
+                             "reference in one process, alternating steps: the ratio to trust on a loaded machine)")
     parser.add_argument("--variants", default="fp32,bf16-cl", help=f"our variants: {','.join(VARIANTS)}")
     parser.add_argument("--moco-version", default="v2", choices=("v1", "v2"), help="head, T and augmentation")
     parser.add_argument("--shuffle-bn", default="split", choices=("split", "off"),
@@ -406,6 +547,7 @@ def main(argv=None) -> int:
     peak = bf16_peak_gflops()
 
     rows: List[Dict[str, Any]] = []
+    ab_rows: List[Dict[str, Any]] = []
     for cfg in configs:
         steps = args.steps or (3 if cfg["image_size"] >= 128 else 8)
         # One epoch must cover warm-up + timed steps (no DataLoader restart inside the timing); the engine's
@@ -413,6 +555,23 @@ def main(argv=None) -> int:
         n_train = max(4 * cfg["batch_size"] * (args.warmup + steps) // 3, 64)
         data = str(ensure_imagefolder(Path(args.data_dir), int(n_train / 0.75) + 16, cfg["source_size"]))
         for mode in modes:
+            if mode == "step-ab":
+                spec = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"],
+                            K=cfg["K"], moco_version=args.moco_version, data=data, warmup=max(1, args.warmup),
+                            steps=max(steps, 3), threads=args.threads, shuffle_bn=args.shuffle_bn,
+                            shuffle_groups=args.shuffle_groups, reference=args.reference, ref_ddp=args.ref_ddp,
+                            variants=variants, impl="ab", mode=mode)
+                r = run_in_subprocess(spec, args.timeout)
+                if "error" in r:
+                    print(f"  step-ab {cfg['name']}: {r['error']}", file=sys.stderr)
+                    ab_rows.append({"config": cfg["name"], "impl": "-", "error": r["error"]})
+                    continue
+                for k, v in r["impls"].items():
+                    ab_rows.append({"config": cfg["name"], "impl": k, "img_s_median": v["img_s_median"],
+                                    "img_s_best": v["img_s_best"], "img_per_cpu_s": v["img_per_cpu_s"],
+                                    "ratio_median": v.get("ratio_median"),
+                                    "ratio_cpu_median": v.get("ratio_cpu_median"), "raw": v})
+                continue
             base = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"], K=cfg["K"],
                         moco_version=args.moco_version, aug=args.moco_version, mode=mode, data=data,
                         workers=args.workers, pin_memory=args.pin_memory,
@@ -457,12 +616,20 @@ def main(argv=None) -> int:
                 row["flops_per_step"] = flops
                 rows.append(row)
 
-    print(C.markdown_table(rows, ["config", "mode", "variant", "ours_img_s", "ref_img_s", "ratio", "ours_rss_mb",
-                                  "ref_rss_mb", "gflops", "pct_peak", "ours_img_cpu_s", "ref_img_cpu_s"],
-                           ["config", "mode", "ours variant", "ours img/s", "reference img/s", "ours/ref",
-                            "ours peak RSS MiB", "ref peak RSS MiB", "step model GFLOP/s", "% bf16 matmul peak",
-                            "ours img/CPU-s (main proc)", "ref img/CPU-s (main proc)"],
-                           digits=2))
+    if rows:
+        print(C.markdown_table(rows, ["config", "mode", "variant", "ours_img_s", "ref_img_s", "ratio", "ours_rss_mb",
+                                      "ref_rss_mb", "gflops", "pct_peak", "ours_img_cpu_s", "ref_img_cpu_s"],
+                               ["config", "mode", "ours variant", "ours img/s", "reference img/s", "ours/ref",
+                                "ours peak RSS MiB", "ref peak RSS MiB", "step model GFLOP/s", "% bf16 matmul peak",
+                                "ours img/CPU-s (main proc)", "ref img/CPU-s (main proc)"],
+                               digits=2))
+    if ab_rows:
+        print("\n### step-ab: ours and reference in one process, steps alternating (robust to load drift)\n")
+        print(C.markdown_table(ab_rows, ["config", "impl", "img_s_median", "img_s_best", "img_per_cpu_s",
+                                         "ratio_median", "ratio_cpu_median", "error"],
+                               ["config", "implementation", "img/s (median step)", "img/s (best step)",
+                                "img/CPU-s", "ours/ref (median of per-round wall ratios)",
+                                "ours/ref (CPU time)", "error"], digits=2))
     for r in rows:
         if r.get("error") or r.get("ref_error"):
             print(f"\n{r['config']} {r['mode']} {r['variant']}: {r.get('error') or ''} {r.get('ref_error') or ''}")
@@ -474,6 +641,7 @@ def main(argv=None) -> int:
     path = C.write_json("pretrain_throughput", {
         "machine": info, "contention": C.contention_note(info) or None, "quick": args.quick,
         "bf16_peak_gflops": peak, "args": {k: v for k, v in vars(args).items() if k != "_worker"}, "rows": rows,
+        "step_ab": ab_rows,
     }, args.out)
     print(f"wrote {path}")
     return 0

@@ -6,10 +6,11 @@
 
 Sections (each prints a table; best-of-N wall time and the process CPU time of the best call):
 
-* ``encoder``: ResNet forward+backward (query side) and no-grad forward (key side) in fp32 / bf16 autocast and
+* ``encoder``: ResNet forward+backward (query side) + no-grad forward (key side) in fp32 / bf16 autocast and
   NCHW / channels_last, with plain BatchNorm, with the engine's SplitBatchNorm2d (single-device shuffle-BN
   emulation, G groups) and with two candidates that keep channels_last: ``split-layout`` (same math, statistics
   with var_mean on a (N/G, G, C, H, W) view) and ``split-chunks`` (contiguous groups, native batch_norm per chunk).
+  The BN variants of one (arch, layout, precision) are timed in alternation, so they share the machine's load.
 * ``momentum``: key-encoder momentum update, per-parameter Python loop (the original code) vs torch._foreach ops.
 * ``logits``: InfoNCE logits forward+backward: einsum positives + einsum over ``queue.clone()`` + cat + in-place
   divide (the original code) vs one mm against the queue without a clone (ours), fp32 and bf16.
@@ -121,52 +122,59 @@ def make_resnet(arch: str) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ sections
 def encoder_section(args) -> List[Dict[str, Any]]:
+    """For each (arch, layout, precision), the BN variants are timed in alternation (one call each per round), so
+    they see the same machine load; best and median over rounds, CPU time of the process for the median call."""
+    import statistics
+
     from pretrain.shuffle_bn import SplitBatchNorm2d
 
     rows = []
     cases = [("resnet50", 224, args.r50_batch), ("resnet18", 64, args.r18_batch)]
     if args.quick:
         cases = [("resnet18", 64, 8)]
+    converters = {"bn": None, "split": SplitBatchNorm2d, "split-layout": split_bn_layout_class(),
+                  "split-chunks": split_bn_chunks_class()}
     for arch, size, batch in cases:
-        for bn in args.bn_modes.split(","):
-            torch.manual_seed(0)
-            model = make_resnet(arch).train()
-            if bn == "split":
-                SplitBatchNorm2d.convert(model, args.groups)
-            elif bn == "split-layout":
-                split_bn_layout_class().convert(model, args.groups)
-            elif bn == "split-chunks":
-                split_bn_chunks_class().convert(model, args.groups)
-            x0 = torch.randn(batch, 3, size, size)
-            for layout in ("nchw", "channels_last"):
-                mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                model = model.to(memory_format=mf)
-                x = x0.contiguous(memory_format=mf)
-                for prec in ("fp32", "bf16"):
-                    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if prec == "bf16" \
-                        else contextlib.nullcontext
+        x0 = torch.randn(batch, 3, size, size)
+        for layout in args.layouts.split(","):
+            mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = x0.contiguous(memory_format=mf)
+            for prec in args.precisions.split(","):
+                ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if prec == "bf16" \
+                    else contextlib.nullcontext
+                fns = {}
+                for bn in args.bn_modes.split(","):
+                    torch.manual_seed(0)
+                    model = make_resnet(arch).train()
+                    if converters[bn] is not None:
+                        converters[bn].convert(model, args.groups)
+                    model = model.to(memory_format=mf)
 
-                    def fwd_bwd():
+                    def step(model=model):  # query fwd+bwd + key fwd (no grad): one MoCo step's encoder work
                         with ctx():
                             y = model(x)
                         y.float().sum().backward()
                         model.zero_grad(set_to_none=True)
-
-                    def fwd_nograd():
                         with torch.no_grad(), ctx():
                             model(x)
 
-                    if prec not in args.precisions.split(",") or layout not in args.layouts.split(","):
-                        continue
-                    a = timed(fwd_bwd, args.repeat)
-                    b = timed(fwd_nograd, args.repeat)
-                    # one MoCo step's encoder work: query fwd+bwd + key fwd (no grad)
-                    step_ms = a["ms"] + b["ms"]
-                    rows.append({"arch": f"{arch}@{size}", "batch": batch, "bn": bn, "layout": layout,
-                                 "precision": prec, "fwd_bwd_ms": a["ms"], "fwd_nograd_ms": b["ms"],
-                                 "cpu_ms": a["cpu_ms"] + b["cpu_ms"], "img_s": batch / step_ms * 1e3,
-                                 "img_cpu_s": batch / (a["cpu_ms"] + b["cpu_ms"]) * 1e3})
-            del model
+                    step()  # warm-up
+                    fns[bn] = step
+                walls: Dict[str, List[float]] = {k: [] for k in fns}
+                cpus: Dict[str, List[float]] = {k: [] for k in fns}
+                for _ in range(args.repeat):
+                    for k, fn in fns.items():
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        fn()
+                        walls[k].append(time.perf_counter() - t0)
+                        cpus[k].append(time.process_time() - c0)
+                for k in fns:
+                    rows.append({"arch": f"{arch}@{size}", "batch": batch, "bn": k, "layout": layout,
+                                 "precision": prec, "step_ms_best": min(walls[k]) * 1e3,
+                                 "step_ms_median": statistics.median(walls[k]) * 1e3,
+                                 "img_s": batch / min(walls[k]),
+                                 "img_cpu_s": batch / statistics.median(cpus[k])})
+                del fns
     return rows
 
 
@@ -326,7 +334,7 @@ def loader_section(args) -> List[Dict[str, Any]]:
 
 
 SECTIONS = {
-    "encoder": (encoder_section, ["arch", "batch", "bn", "layout", "precision", "fwd_bwd_ms", "fwd_nograd_ms",
+    "encoder": (encoder_section, ["arch", "batch", "bn", "layout", "precision", "step_ms_best", "step_ms_median",
                                   "img_s", "img_cpu_s"]),
     "momentum": (momentum_section, ["arch", "params_M", "impl", "ms", "cpu_ms", "mean_ms"]),
     "logits": (logits_section, ["shape", "precision", "impl", "ms", "cpu_ms", "mean_ms"]),

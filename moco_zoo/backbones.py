@@ -76,7 +76,9 @@ def _random_state_dict(arch: str, seed: int) -> Dict[str, torch.Tensor]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
+        # torchvision-style ResNet init (last BN gamma 1), the init MoCo pretraining starts from (pretrain/heads.py)
+        kwargs = {"zero_init_last": False} if "res" in arch else {}
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -217,7 +217,7 @@ class Demo:
         for to, path in files.items():
             self.run("convert_publish", _python("-m", "moco_zoo", "convert", checkpoint, "--to", to,
                                                 "--out", str(path)))
-        config = self._write_demo_hub_config()
+        config = self._write_demo_hub_config(Path(checkpoint))
         hf_home = self.out / "hf_home"
         hub_dir = self.out / "hub" / DEMO_REPO_ID.replace("/", "__")
         from moco_zoo.testing import LocalHubServer
@@ -239,7 +239,7 @@ class Demo:
                 "files": {k: str(v) for k, v in files.items()}, "hub_folder": str(hub_dir),
                 "hub_config": str(config)}
 
-    def _write_demo_hub_config(self) -> Path:
+    def _write_demo_hub_config(self, checkpoint: Path) -> Path:
         """A hub_configs-style entry for the demo model (same schema as the files in hub_configs/)."""
         import yaml
 
@@ -250,7 +250,9 @@ class Demo:
             "description": f"MoCo v2 {self.p.arch} pretrained by `make demo` on the moco-zoo synthetic ImageFolder "
                            f"({self.p.image_size} px, {self.p.pretrain_epochs} epochs)",
             "hub": {"repo_id": DEMO_REPO_ID, "published": True},
-            "source": {"format": "moco-pretrain", "origin_url": "https://github.com/moco-zoo/moco-zoo"},
+            # the source of this model is the local checkpoint the demo trained
+            "source": {"url": checkpoint.resolve().as_uri(), "filename": checkpoint.name, "format": "moco-pretrain",
+                       "origin_url": "https://github.com/moco-zoo/moco-zoo"},
             "metrics": {}, "classifiers": [],
             "metrics_source": "measured by this demo run",
         })

@@ -22,14 +22,14 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
-from timm.models.resnet import Bottleneck, ResNet
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vision_transformer import VisionTransformer
 
 from . import zoo
 from .checkpoint import CheckpointError
 from .convert import adapt_pos_embed, download_verified, to_canonical
 
-__all__ = ["default_cfgs", "checkpoint_filter_fn", "pretrained_cfg_for_entry", "moco_r50", "moco_vit_small",
+__all__ = ["default_cfgs", "checkpoint_filter_fn", "pretrained_cfg_for_entry", "moco_r18", "moco_r50", "moco_vit_small",
            "moco_vit_base"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,6 +37,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Architecture of each registered model: builder class, its fixed kwargs and the cfg fields that depend on it.
 _ARCHS: Dict[str, Dict[str, Any]] = {
+    # ResNet-18: for models pretrained with this project's engine (e.g. the `make demo` release); no official weights.
+    "moco_r18": dict(
+        cls=ResNet, args=dict(block=BasicBlock, layers=(2, 2, 2, 2)),
+        cfg=dict(pool_size=(7, 7), first_conv="conv1", classifier="fc"),
+    ),
     "moco_r50": dict(
         cls=ResNet, args=dict(block=Bottleneck, layers=(3, 4, 6, 3)),
         cfg=dict(pool_size=(7, 7), first_conv="conv1", classifier="fc"),
@@ -113,6 +118,10 @@ def _cfgs() -> Dict[str, Dict[str, Any]]:
             if e is None:
                 continue
             out[e.name] = pretrained_cfg_for_entry(e)
+    for name, arch in _ARCHS.items():  # architectures without a release yet: buildable, no weights
+        if not any(k.split(".")[0] == name for k in out):
+            out[name] = dict(num_classes=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear",
+                             crop_pct=0.875, input_size=(3, 224, 224), **arch["cfg"])
     return out
 
 
@@ -182,6 +191,12 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return build_model_with_cfg(
         arch["cls"], variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **extra, **model_args
     )
+
+
+@register_model
+def moco_r18(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """MoCo ResNet-18 (no official release; for checkpoints pretrained with pretrain/, e.g. by `make demo`)."""
+    return _create("moco_r18", pretrained, **kwargs)
 
 
 @register_model

@@ -35,7 +35,10 @@ def _create_backbone(arch: str) -> nn.Module:
     import timm
 
     try:
-        return timm.create_model(arch, pretrained=False)
+        # The paper's encoders start from torchvision's ResNet init (last BN gamma of each block = 1); timm's
+        # default zero-inits it, which leaves short runs with residual branches that are still almost off.
+        kwargs = {"zero_init_last": False} if timm.is_model(arch) and "res" in arch else {}
+        return timm.create_model(arch, pretrained=False, **kwargs)
     except RuntimeError as e:
         if "Unknown model" not in str(e):
             raise

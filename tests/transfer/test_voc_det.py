@@ -114,6 +114,8 @@ def test_presets_and_overrides():
     from transfer.engine.config import effective_batch
 
     assert effective_batch(resolve("voc_det", "paper", overrides={"batch_size": 8}), 2) == (8, 4, 0.01)
+    assert resolve("voc_det", "paper", overrides={"iters": 12000})["steps"] == [9000, 11000]  # steps scale along
+    assert resolve("voc_det", "cpu", overrides={"iters": 600})["steps"] == [440, 540]
 
 
 def test_run_dirs_are_unique():

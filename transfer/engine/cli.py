@@ -41,7 +41,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--arch", help="ResNet architecture (default: the one the weights report, else resnet50)")
     p.add_argument("--detector", choices=("c4", "fpn"), help="R-CNN backbone layout (voc default c4, coco fpn)")
     p.add_argument("--norm", choices=("bn", "syncbn", "frozen"), help="normalisation in backbone and head")
-    p.add_argument("--iters", type=int, help="training iterations")
+    p.add_argument("--iters", type=int, help="training iterations (lr steps scale along unless steps is set)")
     p.add_argument("--batch-size", type=int, help="global batch size (all processes)")
     p.add_argument("--lr", type=float, help="learning rate for lr_reference_batch images (scaled linearly)")
     p.add_argument("--seed", type=int)

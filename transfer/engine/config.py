@@ -1,7 +1,9 @@
 """Transfer configs: defaults, presets (``paper``, ``paper-8img``, ``cpu``, COCO ``paper-2x`` ...) and overrides.
 
 A config is a flat dict of plain values (json-able). Resolution order: task defaults -> preset -> YAML file
-(``--config``) -> explicit CLI flags -> ``--set key=value`` (value parsed as YAML). Unknown keys and values of the
+(``--config``) -> explicit CLI flags -> ``--set key=value`` (value parsed as YAML). Changing ``iters`` without
+giving ``steps`` scales the preset's lr steps by the same factor (e.g. ``--iters 12000`` on the VOC paper preset
+gives steps 9000/11000). Unknown keys and values of the
 wrong type are errors naming the key. The resolved config is saved with every run (``config.json``).
 
 The paper values follow the MoCo detectron2 configs (see the module docs of :mod:`transfer.modeling.detector`):
@@ -243,13 +245,22 @@ def resolve(task: str, preset: Optional[str] = None, config_file: Optional[str] 
         raise ConfigError(f"unknown preset {preset!r} for {task}: expected one of {', '.join(PRESETS[task])}")
     cfg["preset"] = preset
     apply(cfg, copy.deepcopy(PRESETS[task][preset]), f"preset {preset}")
+    preset_iters, preset_steps = cfg["iters"], list(cfg["steps"])
+    user: Dict[str, Any] = {}
     if config_file:
         data = load_yaml(config_file)
         data.pop("task", None)
         data.pop("preset", None)
         apply(cfg, data, str(config_file))
-    apply(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+        user.update(data)
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    apply(cfg, cli, "command line")
     apply(cfg, sets or {}, "--set")
+    user.update(cli)
+    user.update(sets or {})
+    if "iters" in user and "steps" not in user and cfg["iters"] != preset_iters:
+        # a shorter/longer schedule keeps the preset's shape: lr steps scale with the iteration count
+        cfg["steps"] = [max(1, int(round(s * cfg["iters"] / preset_iters))) for s in preset_steps]
     validate(cfg)
     return cfg
 

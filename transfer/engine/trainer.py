@@ -132,7 +132,12 @@ class DetectionRun:
         self.amp_dtype = devlib.autocast_dtype(self.device, cfg["precision"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if self.resume:
-            self.load_checkpoint(self._resume_path())
+            path = self._resume_path()
+            if self.resume == "auto" and not path.exists() and not self.eval_only:
+                # `--resume` without a value means "continue if there is something to continue": a fresh start
+                print(f"[{self.weights}] no checkpoint at {path}: starting from iteration 0", flush=True)
+            else:
+                self.load_checkpoint(path)
         if self.world > 1:
             kw = {"device_ids": [self.device]} if self.device.type == "cuda" else {}
             self.ddp = nn.parallel.DistributedDataParallel(
