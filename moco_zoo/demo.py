@@ -190,7 +190,7 @@ class Demo:
         first_loss = next((r["loss"] for r in records if "loss" in r), None)
         last_loss = next((r["loss"] for r in reversed(records) if "loss" in r), None)
         knn_top1 = knn[-1]["knn_top1"] if knn else None
-        return {"summary": f"kNN top-1 {knn_top1}, loss {first_loss} -> {last_loss}", "checkpoint": str(ckpts[-1][1]),
+        return {"summary": f"kNN top-1 {knn_top1}, loss {first_loss} -> {last_loss}", "checkpoint": str(ckpts[0][1]),
                 "knn_top1": knn_top1, "loss_first": first_loss, "loss_last": last_loss,
                 "plots": [str(out / "loss.png"), str(out / "knn.png")], "out_dir": str(out)}
 

@@ -56,6 +56,7 @@ class LinclsConfig:
     progress: bool = True
     synthetic_images: int = 800
     synthetic_size: int = 64
+    knn: bool = True  # also report weighted kNN top-1 (k=200, t=0.1) of the frozen features, before training the fc
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
     p.add_argument("--synthetic-images", type=int, default=d.synthetic_images)
     p.add_argument("--synthetic-size", type=int, default=d.synthetic_size)
+    p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=d.knn,
+                   help="also report kNN top-1 (k=200, t=0.1) of the frozen backbone features")
     return p
 
 
@@ -197,6 +200,18 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
             set_rng_state(ck["rng"], device)
             print(f"resumed linear probe from {path} at epoch {start_epoch}", file=sys.stderr)
 
+    knn: Dict[str, float] = {}
+    if cfg.knn:
+        # The frozen features' kNN accuracy: a second, training-free view of the same backbone (InstDisc protocol).
+        from .knn import KNNMonitor
+
+        monitor = KNNMonitor(root, cfg.image_size, device, workers=cfg.workers, amp_dtype=amp_dtype,
+                             channels_last=cfg.channels_last)
+        model.eval()  # frozen BN statistics, as in training below
+        with torch.no_grad():
+            knn = monitor.evaluate(lambda x: model.forward_head(model.forward_features(x), pre_logits=True))
+        print(f"kNN on frozen features: top-1 {knn['knn_top1']:.2f}", file=sys.stderr)
+
     crit = nn.CrossEntropyLoss()
     metrics: Dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -246,7 +261,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
     if not metrics and history:
         h = history[-1]
         metrics = {"top1": h["top1"], "top5": h["top5"], "best_top1": best, "history": history}
-    result = {"arch": arch, "source": str(cfg.pretrained), "num_classes": len(classes), **metrics,
+    result = {"arch": arch, "source": str(cfg.pretrained), "num_classes": len(classes), **metrics, **knn,
               "sanity_check": "passed", "checkpoint": str(ckpt_path)}
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
     return result

@@ -32,6 +32,9 @@ def test_linear_probe_protocol_checkpoint_and_resume(tiny_imagefolder, tmp_path)
     assert scaled_milestones(LinclsConfig()) == [60, 80] and scaled_milestones(cfg) == [1, 2]
     res = run_linear_probe(cfg)
     assert res["sanity_check"] == "passed" and 0 <= res["top1"] <= 100 and len(res["history"]) == 2
+    # kNN of the frozen features is reported too, computed with the backbone in eval mode (the sanity check above
+    # would fail if it had updated BN statistics)
+    assert 0 <= res["knn_top1"] <= 100 and res["knn_top5"] >= res["knn_top1"]
     ck = safe_torch_load(tmp_path / "lin" / "checkpoint.pth")
     assert ck["kind"] == "linear-probe" and ck["num_classes"] == 10 and len(ck["class_names"]) == 10
     assert ck["arch"] == "resnet18" and ck["source"] == "random" and ck["epoch"] == 2
