@@ -58,55 +58,7 @@ VARIANTS = {
     "bf16": dict(precision="bf16", channels_last=False, compile=False),
     "bf16-cl": dict(precision="bf16", channels_last=True, compile=False),
     "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
-    # Prototype of a proposed engine change, applied by the bench to the engine's model (see patch_split_bn):
-    "bf16-cl-splitfix": dict(precision="bf16", channels_last=True, compile=False, split_fix=True),
-    "fp32-splitfix": dict(precision="fp32", channels_last=False, compile=False, split_fix=True),
 }
-
-
-def patch_split_bn(model) -> None:
-    """PROTOTYPE (bench only, not the engine's code): make the engine's single-device split BN keep channels_last.
-
-    Every SplitBatchNorm2d normalises contiguous blocks of the batch with one native batch_norm each (the layout is
-    kept), and each encoder reorders its input by (i % G, i // G) and restores the order of its N x dim output, so
-    block j is exactly the engine's group {i : i % G == j}: the same math as the engine's fold-into-channels
-    implementation, without its NCHW copy per BN layer.
-    """
-    import torch
-    import torch.nn as nn
-
-    from step_components import split_bn_chunks_class
-    from pretrain.shuffle_bn import SplitBatchNorm2d
-
-    chunks_cls = split_bn_chunks_class()
-    groups = None
-    for m in model.modules():
-        if isinstance(m, SplitBatchNorm2d):
-            m.__class__ = chunks_cls
-            groups = m.num_splits
-    if groups is None:
-        return
-
-    class Reorder(nn.Module):
-        def __init__(self, inner: nn.Module, num_splits: int) -> None:
-            super().__init__()
-            self.inner, self.num_splits = inner, num_splits
-
-        def forward(self, x):
-            n = x.shape[0]
-            g = max(1, min(self.num_splits, n // 2))
-            if g <= 1 or n % g:
-                return self.inner(x)
-            perm = torch.arange(n, device=x.device).view(n // g, g).t().reshape(-1)
-            cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            xp = x[perm]
-            if cl:
-                xp = xp.contiguous(memory_format=torch.channels_last)
-            return self.inner(xp)[torch.argsort(perm)]
-
-    model.encoder_q = Reorder(model.encoder_q, groups)
-    if hasattr(model, "encoder_k"):
-        model.encoder_k = Reorder(model.encoder_k, groups)
 
 
 def parse_config(spec: str) -> Dict[str, Any]:
@@ -222,8 +174,6 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
             precision=v["precision"], channels_last=v["channels_last"], compile=v["compile"], epochs=1000,
             knn_every=0, progress=False, plots=False, output_dir=out, seed=0)
         trainer = Trainer(cfg)
-        if v.get("split_fix"):
-            patch_split_bn(trainer.model)
         trainer.model.train()
         losses: List[torch.Tensor] = []
 
@@ -400,8 +350,6 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
                 channels_last=var["channels_last"], compile=var["compile"], epochs=1000, knn_every=0,
                 progress=False, plots=False, output_dir=f"{tmp}/{v}", seed=0)
             tr = Trainer(cfg)
-            if var.get("split_fix"):
-                patch_split_bn(tr.model)
             tr.model.train()
             trainers.append(tr)
             steps[f"ours {v}"] = (lambda tr=tr: tr.train_step(images, torch.arange(b)))
@@ -520,7 +468,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shuffle-groups", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (same for ours and reference)")
     parser.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours (the engine's default); the reference's DataLoader has none")
     parser.add_argument("--ref-ddp", action=argparse.BooleanOptionalAction, default=True,
                         help="wrap the reference in DistributedDataParallel as its main_worker does")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (DataLoader start-up, allocator)")

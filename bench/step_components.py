@@ -7,9 +7,11 @@
 Sections (each prints a table; best-of-N wall time and the process CPU time of the best call):
 
 * ``encoder``: ResNet forward+backward (query side) + no-grad forward (key side) in fp32 / bf16 autocast and
-  NCHW / channels_last, with plain BatchNorm, with the engine's SplitBatchNorm2d (single-device shuffle-BN
-  emulation, G groups) and with two candidates that keep channels_last: ``split-layout`` (same math, statistics
-  with var_mean on a (N/G, G, C, H, W) view) and ``split-chunks`` (contiguous groups, native batch_norm per chunk).
+  NCHW / channels_last, with plain BatchNorm and with the engine's SplitBatchNorm2d (single-device shuffle-BN
+  emulation, G groups) in its two groupings: ``split`` is what the MoCo module runs (``grouping="blocks"``: the
+  input reordered with ``split_block_order``, one native batch_norm per contiguous block, keeps channels_last) and
+  ``split-interleaved`` (groups folded into channels with a reshape: a copy to NCHW at every BN layer for a
+  channels_last input; the engine's implementation before the change). Same math in both.
   The BN variants of one (arch, layout, precision) are timed in alternation, so they share the machine's load.
 * ``momentum``: key-encoder momentum update, per-parameter Python loop (the original code) vs torch._foreach ops.
 * ``logits``: InfoNCE logits forward+backward: einsum positives + einsum over ``queue.clone()`` + cat + in-place
@@ -47,73 +49,6 @@ def timed(fn, repeat: int, warmup: int = 1) -> Dict[str, float]:
     return {"ms": best * 1e3, "cpu_ms": best_cpu * 1e3, "mean_ms": total / repeat * 1e3}
 
 
-def split_bn_layout_class():
-    """A candidate for the engine: SplitBatchNorm2d with the same math (group of sample i = i % G, same running
-    statistics) that keeps the input's memory format. The engine's version folds the groups into channels with a
-    reshape, which for a channels_last input is a copy and returns NCHW, so every BN layer undoes channels_last."""
-    from pretrain.shuffle_bn import SplitBatchNorm2d
-
-    class SplitBatchNorm2dLayout(SplitBatchNorm2d):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n = x.shape[0]
-            g = self._groups(n) if self.training else 1
-            if g <= 1 or n % g:
-                return super().forward(x)
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            xf = x.unflatten(0, (n // g, g)).float()  # (N/G, G, C, H, W): sample a*G + j is in group j; a view
-            var, mean = torch.var_mean(xf, dim=(0, 3, 4), unbiased=False)  # (G, C)
-            scale = torch.rsqrt(var + self.eps)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
-            y = xf * scale[None, :, :, None, None] + shift[None, :, :, None, None]  # keeps x's strides
-            if self.running_mean is not None:
-                m = (n // g) * x.shape[2] * x.shape[3]
-                with torch.no_grad():
-                    self.running_mean.mul_(1 - factor).add_(mean.detach().mean(0), alpha=factor)
-                    self.running_var.mul_(1 - factor).add_((var.detach() * m / max(m - 1, 1)).mean(0),
-                                                           alpha=factor)
-            return y.to(x.dtype).flatten(0, 1)
-
-    return SplitBatchNorm2dLayout
-
-
-def split_bn_chunks_class():
-    """A second candidate: groups are contiguous blocks of the batch (sample i in group i // (N/G)), one native
-    batch_norm per block, outputs concatenated (keeps the memory format). Equal to the i % G grouping when the
-    encoder's input is reordered by (i % G, i // G) first and its N x dim output is put back in order afterwards
-    (BN is the only op in a ResNet that mixes samples), so the engine can keep its current semantics exactly."""
-    from pretrain.shuffle_bn import SplitBatchNorm2d
-
-    class SplitBatchNorm2dChunks(SplitBatchNorm2d):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n = x.shape[0]
-            g = self._groups(n) if self.training else 1
-            if g <= 1 or n % g:
-                return super().forward(x)
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            outs, rms, rvs = [], [], []
-            for chunk in x.chunk(g, dim=0):
-                rm = self.running_mean.clone() if self.running_mean is not None else None
-                rv = self.running_var.clone() if self.running_var is not None else None
-                outs.append(F.batch_norm(chunk, rm, rv, self.weight, self.bias, True, factor, self.eps))
-                rms.append(rm)
-                rvs.append(rv)
-            if self.running_mean is not None:
-                with torch.no_grad():
-                    self.running_mean.copy_(torch.stack(rms).mean(0))
-                    self.running_var.copy_(torch.stack(rvs).mean(0))
-            return torch.cat(outs, dim=0)
-
-    return SplitBatchNorm2dChunks
-
-
 def make_resnet(arch: str) -> nn.Module:
     import timm
 
@@ -126,14 +61,13 @@ def encoder_section(args) -> List[Dict[str, Any]]:
     they see the same machine load; best and median over rounds, CPU time of the process for the median call."""
     import statistics
 
-    from pretrain.shuffle_bn import SplitBatchNorm2d
+    from pretrain.shuffle_bn import SplitBatchNorm2d, split_block_order
 
     rows = []
     cases = [("resnet50", 224, args.r50_batch), ("resnet18", 64, args.r18_batch)]
     if args.quick:
         cases = [("resnet18", 64, 8)]
-    converters = {"bn": None, "split": SplitBatchNorm2d, "split-layout": split_bn_layout_class(),
-                  "split-chunks": split_bn_chunks_class()}
+    groupings = {"bn": None, "split": "blocks", "split-interleaved": "interleaved"}
     for arch, size, batch in cases:
         x0 = torch.randn(batch, 3, size, size)
         for layout in args.layouts.split(","):
@@ -146,17 +80,22 @@ def encoder_section(args) -> List[Dict[str, Any]]:
                 for bn in args.bn_modes.split(","):
                     torch.manual_seed(0)
                     model = make_resnet(arch).train()
-                    if converters[bn] is not None:
-                        converters[bn].convert(model, args.groups)
+                    if groupings[bn] is not None:
+                        SplitBatchNorm2d.convert(model, args.groups, grouping=groupings[bn])
                     model = model.to(memory_format=mf)
+                    # as MoCo._encode: blocks grouping runs on the reordered batch, output rows put back in order
+                    order = split_block_order(batch, args.groups) if groupings[bn] == "blocks" else None
 
-                    def step(model=model):  # query fwd+bwd + key fwd (no grad): one MoCo step's encoder work
-                        with ctx():
-                            y = model(x)
+                    def encode(inp, model=model, order=order):
+                        return model(inp) if order is None else model(inp[order])[torch.argsort(order)]
+
+                    def step(model=model, encode=encode):  # query fwd+bwd + key fwd (no grad): one MoCo step's
+                        with ctx():                         # encoder work
+                            y = encode(x)
                         y.float().sum().backward()
                         model.zero_grad(set_to_none=True)
                         with torch.no_grad(), ctx():
-                            model(x)
+                            encode(x)
 
                     step()  # warm-up
                     fns[bn] = step
@@ -354,8 +293,9 @@ def main(argv=None) -> int:
     parser.add_argument("--r18-batch", type=int, default=64)
     parser.add_argument("--logits-batch", type=int, default=256)
     parser.add_argument("--groups", type=int, default=8, help="SplitBatchNorm2d groups")
-    parser.add_argument("--bn-modes", default="bn,split,split-layout,split-chunks",
-                        help="encoder section: plain BN, the engine's SplitBatchNorm2d, the layout-keeping candidate")
+    parser.add_argument("--bn-modes", default="bn,split,split-interleaved",
+                        help="encoder section: plain BN, the engine's split BN as MoCo runs it (blocks grouping), "
+                             "the same with the interleaved grouping (fold into channels)")
     parser.add_argument("--precisions", default="fp32,bf16", help="encoder section precisions")
     parser.add_argument("--layouts", default="nchw,channels_last", help="encoder section layouts")
     parser.add_argument("--data-dir", default=C.default_data_dir())

@@ -28,7 +28,7 @@ never cloned: ``l_neg = q @ queue`` saves the queue for the backward pass, and i
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from moco_zoo.device import rank
 
 from .heads import backbone_features, build_encoder
-from .shuffle_bn import (SplitBatchNorm2d, all_gather_with_grad, batch_shuffle_ddp, batch_shuffle_single, batch_unshuffle_ddp,
-                         batch_unshuffle_single, concat_all_gather)
+from .shuffle_bn import (SplitBatchNorm2d, all_gather_with_grad, batch_shuffle_ddp, batch_unshuffle_ddp,
+                         concat_all_gather, split_block_order)
 
 
 class MocoOutput(NamedTuple):
@@ -84,11 +84,17 @@ class MoCo(nn.Module):
             raise ValueError(f"unresolved shuffle_bn mode {shuffle_bn!r}: expected ddp, split or off")
         self.K, self.m, self.T, self.dim = int(K), float(m), float(T), int(dim)
         self.mechanism, self.shuffle_bn, self.bank_momentum = mechanism, shuffle_bn, float(bank_momentum)
+        self.shuffle_groups = int(shuffle_groups)
 
         self.encoder_q, self.feat_dim = build_encoder(arch, dim, mlp)
         if shuffle_bn == "split":
-            SplitBatchNorm2d.convert(self.encoder_q, shuffle_groups)
+            # Contiguous-block groups; _encode reorders every encoder input so that they are the groups {i % G}.
+            SplitBatchNorm2d.convert(self.encoder_q, shuffle_groups, grouping="blocks")
 
+        # Host mirror of queue_ptr (the buffer stays the checkpointed truth): the enqueue needs the position as a
+        # python int, and reading the buffer would synchronise with the device at every step. The mirror is re-read
+        # from the buffer whenever the buffer was written by anything else (load_state_dict, .to(), user code).
+        self._ptr_cache: Optional[Tuple[int, Tuple[int, int]]] = None
         if mechanism == "moco":
             self.encoder_k = copy.deepcopy(self.encoder_q)  # initialised as a copy of the query encoder
             for p in self.encoder_k.parameters():
@@ -106,11 +112,11 @@ class MoCo(nn.Module):
     # ------------------------------------------------------------------ no-grad building blocks
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q over parameters (fused foreach ops); buffers are copied."""
+        """theta_k <- m theta_k + (1 - m) theta_q over parameters (one fused foreach lerp: theta_k + (1 - m)
+        (theta_q - theta_k), the same value up to float rounding; m = 1 leaves theta_k unchanged); buffers are copied."""
         pk = [p for p in self.encoder_k.parameters()]
         pq = [p.detach() for p in self.encoder_q.parameters()]
-        torch._foreach_mul_(pk, self.m)
-        torch._foreach_add_(pk, pq, alpha=1.0 - self.m)
+        torch._foreach_lerp_(pk, pq, 1.0 - self.m)
         bk = [b for b in self.encoder_k.buffers()]
         if bk:
             torch._foreach_copy_(bk, [b for b in self.encoder_q.buffers()])
@@ -125,11 +131,31 @@ class MoCo(nn.Module):
         keys = concat_all_gather(keys)  # (W*N)xC
         n = keys.shape[0]
         offset = max(0, n - self.K)  # a batch larger than K: only its newest K keys survive
-        keys = keys[offset:]
-        # Column of key j: (ptr + offset + j) mod K, computed on the device (no host sync on the pointer).
-        cols = (self.queue_ptr + offset + torch.arange(keys.shape[0], device=keys.device)) % self.K
-        self.queue.index_copy_(1, cols, keys.T.to(self.queue.dtype))  # CxN
-        self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
+        keys = keys[offset:].T.to(self.queue.dtype)  # CxN'
+        ptr = self._queue_position()
+        start = (ptr + offset) % self.K  # column of the first surviving key; the block may wrap around the end
+        first = min(keys.shape[1], self.K - start)
+        self.queue[:, start:start + first] = keys[:, :first]
+        if first < keys.shape[1]:
+            self.queue[:, :keys.shape[1] - first] = keys[:, first:]
+        self._set_queue_position((ptr + n) % self.K)
+
+    def _queue_position(self) -> int:
+        """queue_ptr as a python int, from the host mirror unless the buffer was written by someone else."""
+        buf = self.queue_ptr
+        key = (buf.data_ptr(), buf._version)
+        if self._ptr_cache is None or self._ptr_cache[1] != key:
+            self._ptr_cache = (int(buf), key)  # one read (a device sync) after an outside write only
+        return self._ptr_cache[0]
+
+    def _set_queue_position(self, ptr: int) -> None:
+        self.queue_ptr.fill_(ptr)  # a python scalar: no host-device sync
+        self._ptr_cache = (ptr, (self.queue_ptr.data_ptr(), self.queue_ptr._version))
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: D401 - nn.Module hook
+        super()._load_from_state_dict(*args, **kwargs)
+        if hasattr(self, "queue_ptr"):
+            self._ptr_cache = None  # resume: re-read the restored queue_ptr at the next enqueue
 
     @torch.no_grad()
     def update_memory_bank(self, keys: torch.Tensor, index: torch.Tensor) -> None:
@@ -149,10 +175,24 @@ class MoCo(nn.Module):
         if self.shuffle_bn == "ddp":
             im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
             return batch_unshuffle_ddp(F.normalize(encoder(im_k), dim=1), idx_unshuffle)
-        if self.shuffle_bn == "split":
-            im_k, idx_unshuffle = batch_shuffle_single(im_k)
-            return batch_unshuffle_single(F.normalize(encoder(im_k), dim=1), idx_unshuffle)
+        if self.shuffle_bn == "split":  # random permutation, then BN groups {i % G} of the shuffled batch
+            return F.normalize(self._encode(encoder, im_k, torch.randperm(im_k.shape[0], device=im_k.device)), dim=1)
         return F.normalize(encoder(im_k), dim=1)
+
+    def _encode(self, encoder: nn.Module, x: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``encoder(x[perm])`` (``perm`` optional), with the rows of the output in ``x``'s order.
+
+        Split shuffle-BN (training): sample ``i`` of the encoder's input ``x[perm]`` is in BN group ``i % G``. The
+        encoder's SplitBatchNorm2d layers normalise contiguous blocks, so the input is gathered once in the order
+        ``perm[split_block_order]`` (group j = block j) and the NxC output is put back with the inverse permutation;
+        BN is the only layer that mixes samples, so this is the same computation as interleaved groups.
+        """
+        order = split_block_order(x.shape[0], self.shuffle_groups, x.device) \
+            if self.shuffle_bn == "split" and encoder.training else None
+        idx = perm if order is None else (order if perm is None else perm[order])
+        if idx is None:
+            return encoder(x)
+        return encoder(x[idx])[torch.argsort(idx)]
 
     # ------------------------------------------------------------------ forward per mechanism
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: Optional[torch.Tensor] = None) -> MocoOutput:
@@ -163,7 +203,7 @@ class MoCo(nn.Module):
             if index is None:
                 raise ValueError("memory_bank needs the dataset indices of the batch (forward(im_q, im_k, index))")
             return self._forward_memory_bank(im_q, im_k, index)
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        q = F.normalize(self._encode(self.encoder_q, im_q), dim=1)  # NxC
         with torch.no_grad():
             self.momentum_update_key_encoder()
             k = self.encode_keys(im_k)  # NxC
@@ -173,10 +213,10 @@ class MoCo(nn.Module):
 
     def _forward_end2end(self, im_q: torch.Tensor, im_k: torch.Tensor) -> MocoOutput:
         n = im_q.shape[0]
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        q = F.normalize(self._encode(self.encoder_q, im_q), dim=1)  # NxC
         if self.shuffle_bn == "split":  # shuffle so a key's BN group differs from its query's
-            im_k, idx_unshuffle = batch_shuffle_single(im_k)
-            k = batch_unshuffle_single(F.normalize(self.encoder_q(im_k), dim=1), idx_unshuffle)
+            perm = torch.randperm(n, device=im_k.device)
+            k = F.normalize(self._encode(self.encoder_q, im_k, perm), dim=1)  # NxC, with gradient
         else:
             k = F.normalize(self.encoder_q(im_k), dim=1)  # NxC, with gradient
         k_all = all_gather_with_grad(k)  # (W*N)xC, differentiable
@@ -185,7 +225,7 @@ class MoCo(nn.Module):
         return MocoOutput(logits, labels)
 
     def _forward_memory_bank(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor) -> MocoOutput:
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        q = F.normalize(self._encode(self.encoder_q, im_q), dim=1)  # NxC
         with torch.no_grad():
             k = self.encode_keys(im_k, self.encoder_q)  # NxC, positive key, no gradient, shuffled BN
             neg_idx = torch.randint(0, self.memory_bank.shape[0], (self.K,), device=q.device)

@@ -54,7 +54,7 @@ class MocoConfig:
     image_size: int = 224
     workers: int = 4
     pin_memory: bool = True
-    persistent_workers: bool = False
+    persistent_workers: bool = True  # only used with workers > 0
     synthetic_images: int = 800  # --data synthetic: number of generated images
     synthetic_size: int = 64  # --data synthetic: generated image size
     # optimisation
@@ -143,7 +143,8 @@ _FLAGS: Sequence[tuple] = (
     ("--image-size", "image_size", int, "crop size (224)"),
     ("-j", "workers", int, "DataLoader worker processes per rank"),
     ("--pin-memory", "pin_memory", "bool", "pinned host memory for batches"),
-    ("--persistent-workers", "persistent_workers", "bool", "keep DataLoader workers alive between epochs"),
+    ("--persistent-workers", "persistent_workers", "bool", "keep DataLoader workers alive between epochs "
+     "(default on; no effect with -j 0)"),
     ("--synthetic-images", "synthetic_images", int, "--data synthetic: number of images"),
     ("--synthetic-size", "synthetic_size", int, "--data synthetic: image size in pixels"),
     ("--epochs", "epochs", int, "number of epochs"),

@@ -73,6 +73,25 @@ def scaled_lr(cfg: MocoConfig) -> float:
     return cfg.lr * cfg.batch_size / 256.0 if cfg.lr_scaling == "linear" else cfg.lr
 
 
+def fused_sgd_supported(params: List[torch.Tensor]) -> bool:
+    """Whether ``torch.optim.SGD(fused=True)`` can run on these parameters (floating point, on a device type with
+    fused optimizer kernels: CUDA, and CPU in recent PyTorch)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
+def make_sgd(params: List[torch.Tensor], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay; the fused kernel (one pass over each parameter) when supported, else
+    PyTorch's default implementation. Same update rule, same state (``momentum_buffer``) either way."""
+    fused = fused_sgd_supported(params)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+
+
 # ---------------------------------------------------------------------------------------------------- RNG state
 def get_rng_state(device: torch.device) -> Dict[str, Any]:
     """This process's RNG states as weights_only-loadable values (tensors, ints, lists)."""
@@ -275,7 +294,7 @@ class Trainer:
                 self.model.encoder_k.compile()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = scaled_lr(cfg)
-        self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = make_sgd(params, self.lr, cfg.sgd_momentum, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, cfg))
         self.ddp_model: nn.Module = self.model
@@ -379,7 +398,10 @@ class Trainer:
                 raise CheckpointError(f"{path}: checkpoint has {key}={ckpt.get(key)!r} but this run uses "
                                       f"{getattr(self.cfg, key)!r}")
         self.model.load_state_dict(strip_module_prefix(ckpt["state_dict"]))
+        impl = {k: self.optimizer.param_groups[0].get(k) for k in ("fused", "foreach")}
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the kernel choice is this machine's, not the checkpoint's
+            group.update(impl)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         per_rank = ckpt["rng"]["per_rank"]

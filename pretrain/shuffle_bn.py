@@ -9,11 +9,13 @@ by recognising the sub-batch a positive came from. MoCo encodes the keys with th
 * ``split``: an emulation on one device. Every BatchNorm of both encoders becomes a :class:`SplitBatchNorm2d` that
   normalises G groups of the batch separately (like G GPUs with N/G samples each); the key batch is shuffled before
   the key encoder and unshuffled afterwards, so a key's BN group is a random subset that almost never matches the
-  group of its query.
+  group of its query. Sample ``i`` of an encoder's input is in group ``i % G``; the MoCo module implements this by
+  reordering the input so that every group is a contiguous block (:func:`split_block_order`, composed with the key
+  shuffle into one gather) and normalising each block with one native ``batch_norm``, which keeps channels_last.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -103,36 +105,68 @@ def batch_unshuffle_single(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torc
     return x[idx_unshuffle]
 
 
+def split_groups(n: int, num_splits: int) -> int:
+    """Number of BN groups G used for a batch of ``n`` samples: ``num_splits``, but never fewer than 2 samples per
+    group (BN of a single 1x1 sample is undefined)."""
+    return max(1, min(int(num_splits), n // 2))
+
+
+def split_block_order(n: int, num_splits: int, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """The order that puts the interleaved group ``{i : i % G == j}`` into contiguous block ``j``.
+
+    ``x[order]`` has the samples ``j, j + G, j + 2G, ...`` in block ``j`` (positions ``j*N/G ... (j+1)*N/G - 1``), so
+    a :class:`SplitBatchNorm2d` with ``grouping="blocks"`` applied to ``x[order]`` normalises exactly the groups that
+    ``grouping="interleaved"`` uses on ``x``. ``None`` when no reordering is needed (one group, or ``N`` not
+    divisible by ``G``: both groupings then use the same contiguous blocks)."""
+    g = split_groups(n, num_splits)
+    if g <= 1 or n % g:
+        return None
+    return torch.arange(n, device=device).view(n // g, g).t().reshape(-1)
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that, in training mode, normalises ``num_splits`` groups of the batch independently.
 
-    Sample ``i`` belongs to group ``i % G`` (the batch is folded into the channel dimension: NxCxHxW ->
-    (N/G)x(G*C)xHxW, one BN call). Running statistics are the average of the groups' updates. In eval mode it is a
-    plain BatchNorm2d, and its parameters/buffers have the same names, so state dicts are interchangeable.
-    Batches not divisible by G are split into G nearly equal contiguous groups instead.
+    Groups (``G = min(num_splits, N // 2)``):
+
+    * ``grouping="interleaved"`` (default): sample ``i`` belongs to group ``i % G``;
+    * ``grouping="blocks"``: group ``j`` is the ``j``-th contiguous block of the batch. This is what the MoCo module
+      uses: it reorders each encoder's input with :func:`split_block_order` and restores the order of the output
+      (BN is the only layer of a ResNet that mixes samples), which gives exactly the interleaved groups. Each block is
+      normalised by one native ``batch_norm`` call, which keeps the input's memory format (channels_last stays
+      channels_last); the interleaved fold into channels (``NxCxHxW -> (N/G)x(G*C)xHxW``) is a copy to NCHW for a
+      channels_last input.
+
+    Batches not divisible by ``G`` are split into ``G`` nearly equal contiguous blocks in both modes. Running
+    statistics are the average of the groups' updates. In eval mode it is a plain BatchNorm2d, and its
+    parameters/buffers have the same names, so state dicts are interchangeable.
     """
 
-    def __init__(self, num_features: int, num_splits: int = 1, **kw) -> None:
+    GROUPINGS = ("interleaved", "blocks")
+
+    def __init__(self, num_features: int, num_splits: int = 1, grouping: str = "interleaved", **kw) -> None:
         super().__init__(num_features, **kw)
+        if grouping not in self.GROUPINGS:
+            raise ValueError(f"grouping must be one of {self.GROUPINGS}, got {grouping!r}")
         self.num_splits = int(num_splits)
+        self.grouping = grouping
 
     @classmethod
-    def convert(cls, module: nn.Module, num_splits: int) -> nn.Module:
+    def convert(cls, module: nn.Module, num_splits: int, grouping: str = "interleaved") -> nn.Module:
         """Replace every BatchNorm2d in ``module`` (in place) by a SplitBatchNorm2d sharing its tensors."""
         for name, child in list(module.named_children()):
             if isinstance(child, nn.BatchNorm2d) and not isinstance(child, cls):
-                new = cls(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                new = cls(child.num_features, num_splits, grouping, eps=child.eps, momentum=child.momentum,
                           affine=child.affine, track_running_stats=child.track_running_stats)
                 new.load_state_dict(child.state_dict())
                 new.train(child.training)
                 setattr(module, name, new)
             else:
-                cls.convert(child, num_splits)
+                cls.convert(child, num_splits, grouping)
         return module
 
     def _groups(self, n: int) -> int:
-        # Never fewer than 2 samples per group (BN of a single 1x1 sample is undefined).
-        return max(1, min(self.num_splits, n // 2))
+        return split_groups(n, self.num_splits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self._groups(x.shape[0]) if self.training else 1
@@ -147,33 +181,32 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 self.num_batches_tracked.add_(1)
             factor = self.momentum
         n, c = x.shape[:2]
-        weight = self.weight.repeat(g) if self.weight is not None else None
-        bias = self.bias.repeat(g) if self.bias is not None else None
-        if self.running_mean is not None:
-            rm, rv = self.running_mean.repeat(g), self.running_var.repeat(g)
+        track = self.running_mean is not None
+        if self.grouping == "blocks" or n % g:
+            # One native batch_norm per contiguous block (memory format kept); each block updates its own copy of
+            # the running statistics (rows of a G x C tensor), averaged afterwards.
+            rm = self.running_mean.unsqueeze(0).repeat(g, 1) if track else None
+            rv = self.running_var.unsqueeze(0).repeat(g, 1) if track else None
+            outs = [F.batch_norm(chunk, rm[j] if track else None, rv[j] if track else None, self.weight, self.bias,
+                                 True, factor, self.eps)
+                    for j, chunk in enumerate(torch.tensor_split(x, g, dim=0))]
+            out = torch.cat(outs, dim=0)
         else:
-            rm = rv = None
-        if n % g == 0:
-            # NxCxHxW -> (N/G)x(G*C)xHxW: channel block j holds the samples i with i % G == j.
+            # interleaved: NxCxHxW -> (N/G)x(G*C)xHxW, channel block j holds the samples i with i % G == j.
+            weight = self.weight.repeat(g) if self.weight is not None else None
+            bias = self.bias.repeat(g) if self.bias is not None else None
+            rm = self.running_mean.repeat(g) if track else None
+            rv = self.running_var.repeat(g) if track else None
             out = F.batch_norm(x.reshape(n // g, g * c, *x.shape[2:]), rm, rv, weight, bias, True, factor, self.eps)
             out = out.view_as(x)
-        else:
-            outs = []
-            for j, chunk in enumerate(torch.tensor_split(x, g, dim=0)):
-                sl = slice(j * c, (j + 1) * c)
-                outs.append(F.batch_norm(chunk, rm[sl] if rm is not None else None,
-                                         rv[sl] if rv is not None else None,
-                                         weight[sl] if weight is not None else None,
-                                         bias[sl] if bias is not None else None, True, factor, self.eps))
-            out = torch.cat(outs, dim=0)
-        if rm is not None:
+        if track:
             with torch.no_grad():
                 self.running_mean.copy_(rm.view(g, c).mean(0))
                 self.running_var.copy_(rv.view(g, c).mean(0))
         return out
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_splits={self.num_splits}"
+        return super().extra_repr() + f", num_splits={self.num_splits}, grouping={self.grouping}"
 
 
 def resolve_shuffle_mode(mode: str, distributed: bool, mechanism: str) -> str:

@@ -1,0 +1,66 @@
+"""`make demo FAST=1`: the whole pipeline end to end (slow: a few minutes on 2 cores)."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moco_zoo.demo_report import COLUMNS, results_table
+
+
+def _table_rows(report: str) -> dict:
+    lines = [ln for ln in report.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[1:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if cells[0] in ("MoCo v2", "random init"):
+            rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def test_results_table_reads_stage_outputs():
+    stages = {
+        "lincls": {"moco": {"top1": 40.0, "knn_top1": 35.5}, "random": {"top1": 20.0, "knn_top1": 15.0}},
+        "voc_det": {"rows": [{"weights": "/x/ckpt.pth", "metrics": {"AP50": 30.0, "AP": 12.0, "AP75": 9.0}},
+                             {"weights": "random", "metrics": {"AP50": 10.0, "AP": 3.0, "AP75": 1.0}}]},
+        "coco_det": {"rows": [{"weights": "/x/ckpt.pth", "metrics": {"bbox": {"AP": 7.0}, "segm": {"AP": 6.0}}},
+                              {"weights": "random", "metrics": {"bbox": {"AP": 2.0}, "segm": {"AP": 1.5}}}]},
+    }
+    rows = results_table(stages)
+    assert rows["MoCo v2"]["linear top-1"] == 40.0 and rows["random init"]["kNN top-1"] == 15.0
+    assert rows["MoCo v2"]["VOC AP75"] == 9.0 and rows["random init"]["COCO mask AP"] == 1.5
+    assert rows["MoCo v2"].get("VOC seg mIoU") is None  # stage absent -> no value, never a made-up one
+
+
+@pytest.mark.slow
+def test_demo_fast_end_to_end(tmp_path):
+    out = tmp_path / "demo_out"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "moco_zoo.demo", "--fast", "--out", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "REPORT.md").read_text()
+    book = json.loads((out / "stages.json").read_text())
+    # every number in the report equals the one in the files the stages wrote
+    lin_moco = json.loads((out / "lincls" / "moco" / "metrics.json").read_text())
+    voc = {("random" if r["weights"] == "random" else "moco"): r["metrics"]
+           for r in json.loads((out / "voc_det" / "comparison.json").read_text())}
+    rows = _table_rows(report)
+    assert rows["MoCo v2"]["linear top-1"] == f"{lin_moco['top1']:.1f}"
+    assert rows["random init"]["VOC AP50"] == f"{voc['random']['AP50']:.1f}"
+    assert rows["MoCo v2"]["VOC AP"] == f"{voc['moco']['AP']:.1f}"
+    assert set(book["stages"]) >= {"data", "pretrain", "lincls", "convert_publish", "voc_det"}
+    assert "hub load-back ok (HF_HUB_OFFLINE=1)" in (out / "logs" / "convert_publish.log").read_text()
+    for fmt in ("model.safetensors", "resnet_torchvision.pth", "moco_detectron2.pkl"):
+        assert (out / "converted" / fmt).stat().st_size > 0
+    assert re.search(r"MoCo beats random init on \d+ of \d+ metrics", report)
+    # a second invocation resumes: every stage is already done and nothing is recomputed
+    again = subprocess.run([sys.executable, "-m", "moco_zoo.demo", "--fast", "--out", str(out)], cwd=root,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already done") == len(book["stages"])
+    assert len(COLUMNS) >= 8
