@@ -39,7 +39,7 @@ VIT_LITE = dict(depth=2)
 def test_every_zoo_entry_is_registered():
     registered = set(timm.list_pretrained("moco_*"))
     assert registered == {e.name for e in zoo.entries()}
-    assert set(timm.list_models("moco_*")) == {"moco_r50", "moco_vit_small", "moco_vit_base"}
+    assert set(timm.list_models("moco_*")) == {"moco_r18", "moco_r50", "moco_vit_small", "moco_vit_base"}
     for model in ("moco_r50", "moco_vit_small", "moco_vit_base"):
         default = zoo.default_entry(model)
         with torch.device("meta"):
