@@ -40,28 +40,29 @@ class Profile:
     """Sizes and budgets of one demo run (the full one targets ~15 min on 2 CPU cores)."""
 
     arch: str = "resnet18"
-    imagefolder_images: int = 2000
+    imagefolder_images: int = 2000  # 1500 train / 500 val
     image_size: int = 64
     voc_images: int = 320
     coco_images: int = 200
     det_image_size: int = 128
-    pretrain_epochs: int = 30
+    pretrain_epochs: int = 16
     batch_size: int = 64
-    moco_k: int = 4096
-    moco_m: float = 0.99
-    lr: float = 0.12
-    lincls_epochs: int = 20
-    det_iters: int = 300
-    coco_iters: int = 200
-    seg_iters: int = 200
-    max_test_images: int = 80
+    moco_k: int = 1024  # below the number of training images (a larger queue would hold stale copies of positives)
+    moco_m: float = 0.99  # 0.999 barely moves the key encoder in a run of a few hundred steps
+    lr: float = 0.06
+    lincls_epochs: int = 10
+    lincls_lr: float = 1.0
+    det_iters: int = 150
+    coco_iters: int = 80
+    seg_iters: int = 100
+    max_test_images: int = 60
     run_coco: bool = True
     run_seg: bool = True
 
 
 PROFILES: Dict[str, Profile] = {
     "full": Profile(),
-    "fast": Profile(imagefolder_images=400, voc_images=48, coco_images=40, pretrain_epochs=3, moco_k=256,
+    "fast": Profile(imagefolder_images=400, voc_images=48, coco_images=40, pretrain_epochs=2, moco_k=256,
                     lincls_epochs=2, det_iters=20, coco_iters=10, seg_iters=10, max_test_images=12),
 }
 
@@ -203,7 +204,7 @@ class Demo:
             self.run("lincls", _python(
                 "pretrain/main_lincls.py", str(self.imagefolder), "--pretrained", spec, "--arch", p.arch,
                 "--image-size", str(p.image_size), "--epochs", str(p.lincls_epochs), "--batch-size", "64",
-                "--lr", "7.5", "--workers", "2", "--output-dir", str(out), "--resume", "auto", "--seed", "0"))
+                "--lr", str(p.lincls_lr), "--workers", "2", "--output-dir", str(out), "--resume", "auto", "--seed", "0"))
             results[name] = json.loads((out / "metrics.json").read_text())
         return {"summary": f"linear top-1 MoCo {results['moco']['top1']:.1f} vs random {results['random']['top1']:.1f}",
                 "moco": _pick(results["moco"], "top1", "knn_top1"),
