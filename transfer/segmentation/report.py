@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from transfer.engine import report as _detection_report
 from moco_zoo.checkpoint import atomic_write_bytes, atomic_write_text
 from moco_zoo.data.voc import voc_palette
 
@@ -16,8 +17,7 @@ __all__ = ["write_json", "atomic_write_text", "run_markdown", "comparison_markdo
            "colorize"]
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+write_json = _detection_report.write_json
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -43,31 +43,9 @@ def comparison_markdown(results: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_losses(history: List[Dict[str, float]], path: Path, title: str = "") -> Optional[Path]:
-    if not history:
-        return None
-    import matplotlib
+# the detection engine's loss plot handles any "loss*" history keys, including this one
+plot_losses = _detection_report.plot_losses
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    its = [h["iter"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    ax.plot(its, [h["loss"] for h in history], lw=2.0, label="cross-entropy")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    ax2 = ax.twinx()
-    ax2.plot(its, [h["lr"] for h in history], color="grey", ls="--", lw=0.8)
-    ax2.set_ylabel("lr", color="grey")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def colorize(mask: torch.Tensor) -> np.ndarray:
