@@ -284,8 +284,9 @@ class Demo:
         self.stage("convert_publish", lambda: self.convert_publish(ckpt))
         self.stage("voc_det", lambda: self.transfer("voc_det.py", "voc_det", self.voc_devkit, self.p.det_iters, ckpt))
         if self.p.run_coco:
+            # half the cpu preset's lr: Mask R-CNN from the short-pretrained MoCo backbone diverged at 0.02
             self.stage("coco_det", lambda: self.transfer("coco_det.py", "coco_det", self.coco_root,
-                                                         self.p.coco_iters, ckpt))
+                                                         self.p.coco_iters, ckpt, extra=("--lr", "0.01")))
         if self.p.run_seg:
             self.stage("voc_seg", lambda: self.transfer("voc_seg.py", "voc_seg", self.voc_devkit,
                                                         self.p.seg_iters, ckpt))
