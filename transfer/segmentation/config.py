@@ -94,8 +94,9 @@ _CHOICES = {"norm": ("bn", "syncbn", "frozen"), "precision": ("auto", "fp32", "b
             "output_stride": (8, 16, 32)}
 
 
-class ConfigError(ValueError):
-    """Bad config key or value; the message names the key (and the file when it came from one)."""
+# One error type and one --set / YAML parser for every transfer script (the detection engine's).
+from transfer.engine.config import ConfigError, parse_set  # noqa: E402
+from transfer.engine.config import load_yaml as _load_yaml  # noqa: E402
 
 
 def preset_names():
@@ -132,29 +133,8 @@ def apply(cfg: Dict[str, Any], updates: Dict[str, Any], source: str = "") -> Dic
     return cfg
 
 
-def parse_set(items: Iterable[str]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: cannot parse the value ({e})") from None
-    return out
-
-
 def load_yaml(path: str) -> Dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of config keys")
+    data = _load_yaml(path)
     data.pop("task", None)
     data.pop("preset", None)
     return data
