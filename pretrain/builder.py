@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_zoo.device import rank
+from moco_zoo.device import rank, world_size
 
 from .heads import backbone_features, build_encoder
 from .shuffle_bn import (SplitBatchNorm2d, all_gather_with_grad, batch_shuffle_ddp, batch_unshuffle_ddp,
@@ -164,6 +164,31 @@ class MoCo(nn.Module):
         b = self.bank_momentum
         new = F.normalize(self.memory_bank[index] * b + keys.to(self.memory_bank.dtype) * (1.0 - b), dim=1)
         self.memory_bank.index_copy_(0, index, new)
+
+    @torch.no_grad()
+    def prefill_dictionary(self, im_k: torch.Tensor, index: Optional[torch.Tensor] = None) -> int:
+        """Warm start, before the first step: store real keys of ``im_k`` (NxCxHxW) in place of the random initial
+        dictionary; returns the number of keys stored (over all ranks).
+
+        Why: while the queue still holds random unit vectors (mean ~0), the loss pulls every query towards its key
+        and pushes it from nothing, so all queries move towards the keys' common direction. A randomly initialised
+        ResNet already maps all images to nearly one direction (cosine ~0.9), and on small data these first K/N steps
+        collapse the features to a point that the queue then keeps (every key equal; no gradient separates them).
+        With real keys from the first step the common direction cancels between positive and negatives. ``moco``
+        enqueues the key encoder's keys; ``memory_bank`` writes the query encoder's features at ``index``.
+        """
+        if self.mechanism == "moco":
+            keys = self.encode_keys(im_k)  # NxC
+            self.dequeue_and_enqueue(keys)
+            return keys.shape[0] * world_size()
+        if self.mechanism == "memory_bank":
+            if index is None:
+                raise ValueError("memory_bank prefill needs the dataset indices of the batch")
+            keys = concat_all_gather(self.encode_keys(im_k, self.encoder_q))  # (W*N)xC
+            idx = concat_all_gather(index.to(keys.device))
+            self.memory_bank.index_copy_(0, idx, keys.to(self.memory_bank.dtype))
+            return keys.shape[0]
+        return 0  # end2end: the dictionary is the current batch
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor, encoder: Optional[nn.Module] = None) -> torch.Tensor:

@@ -47,6 +47,8 @@ class MocoConfig:
     temperature: float = 0.2
     mlp: bool = True
     bank_momentum: float = 0.5  # memory_bank: v <- normalize(0.5 v + 0.5 k)
+    # prefill: real keys replace the random initial queue / memory bank before step 0 (see MoCo.prefill_dictionary)
+    dict_init: str = "prefill"
     shuffle_bn: str = "auto"
     shuffle_groups: int = 8  # G of the single-device split-BN emulation (like 8 GPUs of the papers)
     # data / augmentation
@@ -110,6 +112,8 @@ class MocoConfig:
             raise ValueError(f"--lr-schedule must be step or cosine, got {self.lr_schedule!r}")
         if self.momentum_schedule not in ("fixed", "cosine"):
             raise ValueError(f"--momentum-schedule must be fixed or cosine, got {self.momentum_schedule!r}")
+        if self.dict_init not in ("prefill", "random"):
+            raise ValueError(f"--dict-init must be prefill or random, got {self.dict_init!r}")
         if self.lr_scaling not in ("linear", "none"):
             raise ValueError(f"--lr-scaling must be linear or none, got {self.lr_scaling!r}")
         if self.num_negatives < 1:
@@ -137,6 +141,8 @@ _FLAGS: Sequence[tuple] = (
     ("--moco-t", "temperature", float, "softmax temperature T (v1 0.07, v2 0.2)"),
     ("--mlp", "mlp", "bool", "MLP projection head (v2) instead of a linear one (v1)"),
     ("--bank-momentum", "bank_momentum", float, "memory_bank: momentum of the stored features (0.5)"),
+    ("--dict-init", "dict_init", str, "prefill (real keys fill the queue / memory bank before step 0, default) | "
+     "random (the original code's random unit vectors)"),
     ("--shuffle-bn", "shuffle_bn", str, "auto | ddp | split | off (auto: ddp under torchrun, split on one device)"),
     ("--shuffle-groups", "shuffle_groups", int, "split mode: number of BN groups G (8)"),
     ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),

@@ -466,6 +466,43 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
+    PREFILL_EPOCH = -1  # sampler "epoch" of the prefill pass: its own sample order and augmentation seeds
+
+    def prefill_dictionary(self) -> int:
+        """Before step 0 (``--dict-init prefill``): fill the queue with K real keys (moco: ceil(K / global batch)
+        batches, more than one pass over a data set smaller than K) or write every visited sample's feature into the
+        memory bank (one pass), in train mode with shuffled BN as in a step. No optimizer step; deterministic, so a
+        run killed during the prefill restarts it identically. See :meth:`MoCo.prefill_dictionary` for why."""
+        cfg = self.cfg
+        if cfg.dict_init != "prefill" or cfg.mechanism == "end2end":
+            return 0
+        gb = self.local_batch * self.world
+        batches = -(-cfg.num_negatives // gb) if cfg.mechanism == "moco" else self.steps_per_epoch
+        bar = None
+        if self.main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=batches, desc="prefill dictionary", dynamic_ncols=True, leave=False, file=sys.stderr)
+        self.model.train()
+        stored, done, rnd = 0, 0, 0
+        while done < batches:
+            self.sampler.set_epoch(self.PREFILL_EPOCH - rnd)  # another pass if K exceeds the data set
+            for images, _, index in self.loader:
+                with torch.no_grad(), autocast(self.device, self.amp_dtype):
+                    stored += self.model.prefill_dictionary(self._to_device(images[1]),
+                                                            index.to(self.device, non_blocking=True))
+                done += 1
+                if bar is not None:
+                    bar.update(1)
+                if done >= batches:
+                    break
+            rnd += 1
+        if bar is not None:
+            bar.close()
+        if self.main:
+            print(f"prefilled the {cfg.mechanism} dictionary with {stored} keys ({done} batches)", file=sys.stderr)
+        return stored
+
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         if cfg.resume:
@@ -475,6 +512,8 @@ class Trainer:
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        if self.resumed_from is None and self.global_step == 0:
+            self.prefill_dictionary()
         self.model.train()
         done = cfg.max_steps and self.global_step >= cfg.max_steps
         last_knn: Dict[str, float] = {}

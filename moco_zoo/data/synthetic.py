@@ -1,9 +1,11 @@
 """Procedural "objects in scenes" generator: textured shapes on textured backgrounds, with exact instance masks.
 
-Every object class is a *shape* (circle, star, ring, ...). Colour, texture, scale, rotation and aspect are drawn
-independently of the class, so the only cue that identifies a class is its outline: a self-supervised model (or a
-detector) has to learn shape to separate them. Backgrounds are procedural (smooth colour noise, gradients, stripes)
-with clutter of short line strokes that never form a closed shape.
+Every object class is a *shape* (circle, star, ring, ...). As in natural images, where a category is more than its
+outline (zebras are striped, boats sit on water), each class also has a characteristic surface texture and, for the
+one-object classification images, a characteristic scene context (background kind): each is used with probability
+:data:`APPEARANCE_PRIOR`, otherwise drawn at random. Colour, scale, rotation and aspect are drawn independently of the
+class (colour alone is near chance, a test checks it). Backgrounds are procedural (smooth colour noise, gradients,
+stripes) with clutter of short line strokes that never form a closed shape.
 
 Occlusion is exact: objects are painted in order into an ``instance_map`` (later objects overwrite earlier ones), so
 each instance's mask is exactly the set of pixels that show it, and its box is the tight box of that mask.
@@ -22,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generator's output changes, so cached datasets (ensure_dataset) are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: class-conditional texture and context (APPEARANCE_PRIOR)
 
 CLASSES: Tuple[str, ...] = (
     "circle",
@@ -53,6 +55,15 @@ SUPERCATEGORIES: Dict[str, str] = {
 
 TEXTURES: Tuple[str, ...] = ("solid", "striped", "checker", "noise")
 BACKGROUNDS: Tuple[str, ...] = ("noise", "gradient", "stripes")
+
+# Probability that an object wears its class's texture (and a classification image shows its class's context);
+# without such correlations instance discrimination learns nothing about the class: texture and background are the
+# cues that survive MoCo's colour augmentation, and with them independent of the class only the outline is left.
+APPEARANCE_PRIOR = 0.6
+# A distinct (texture, background) pair per class.
+CLASS_TEXTURE: Tuple[str, ...] = tuple(TEXTURES[i % len(TEXTURES)] for i in range(len(CLASSES)))
+CLASS_BACKGROUND: Tuple[str, ...] = tuple(BACKGROUNDS[(i // len(TEXTURES) + i) % len(BACKGROUNDS)]
+                                          for i in range(len(CLASSES)))
 
 # A shape is a list of (polygon in unit coordinates, additive?) operations: additive polygons are filled, the
 # others are cut out afterwards (ring hole, crescent bite). Unit shapes fit in the disc of radius 1.
@@ -215,9 +226,16 @@ def _texture(rng: np.random.Generator, kind: str, h: int, w: int, colours: np.nd
     return c0 * (1 - t) + c1 * t
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """HxWx3 float background: noise, gradient or stripes, plus a little pixel noise."""
-    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+def _pick(rng: np.random.Generator, choices: Tuple[str, ...], preferred: Optional[str]) -> str:
+    """``preferred`` with probability APPEARANCE_PRIOR (when given), else a uniform draw from ``choices``."""
+    if preferred is not None and rng.random() < APPEARANCE_PRIOR:
+        return preferred
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _background(rng: np.random.Generator, h: int, w: int, category: Optional[int] = None) -> np.ndarray:
+    """HxWx3 float background: noise, gradient or stripes (``category``'s context more often, when given)."""
+    kind = _pick(rng, BACKGROUNDS, CLASS_BACKGROUND[category] if category is not None else None)
     colours = _random_colours(rng, 2).astype(np.float32)
     if kind == "noise":
         t = _smooth_noise(rng, h, w, cells=int(rng.integers(3, 9)))
@@ -287,8 +305,10 @@ def _paint(
     rng: np.random.Generator,
     radius: float,
     background_mean: np.ndarray,
+    category: int,
 ) -> Tuple[int, bool]:
-    """Paint a shape mask (crop at x0, y0) with a random texture; return (full area, truncated?)."""
+    """Paint a shape mask (crop at x0, y0) with a texture (its class's one more often); return (full area,
+    truncated?)."""
     h, w = inst_map.shape
     full_area = int(mask.sum())
     ix0, iy0 = max(x0, 0), max(y0, 0)
@@ -297,7 +317,7 @@ def _paint(
         return full_area, True
     sub = mask[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
     truncated = int(sub.sum()) < full_area
-    kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    kind = _pick(rng, TEXTURES, CLASS_TEXTURE[category])
     colours = _contrasting_colours(rng, 2, background_mean)
     fill = _texture(rng, kind, iy1 - iy0, ix1 - ix0, colours, scale=radius)
     region = image[iy0:iy1, ix0:ix1]
@@ -329,7 +349,7 @@ def render_scene(
         min_area: objects with fewer visible pixels are not annotated (their pixels become void, 255).
     """
     size = min(width, height)
-    bg = _background(rng, height, width)
+    bg = _background(rng, height, width, dominant)
     grain = rng.integers(-5, 6, (height, width, 1), dtype=np.int8).astype(np.float32)  # sensor-like pixel noise
     pil = Image.fromarray(np.clip(bg + grain, 0, 255).astype(np.uint8), "RGB")
     _clutter(ImageDraw.Draw(pil), rng, height, width)
@@ -346,7 +366,7 @@ def render_scene(
         if label == 0:
             placed.append(_Placed(category, 0, False, crowd))
             label = len(placed)
-        area, trunc = _paint(image, inst_map, label, mask, x0, y0, rng, radius, bg_mean)
+        area, trunc = _paint(image, inst_map, label, mask, x0, y0, rng, radius, bg_mean, category)
         p = placed[label - 1]
         p.full_area += area
         p.truncated = p.truncated or trunc

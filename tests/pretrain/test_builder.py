@@ -148,3 +148,37 @@ def test_each_mechanism_trains(mechanism):
     if mechanism == "memory_bank":
         torch.testing.assert_close(model.memory_bank.norm(dim=1), torch.ones(20))
         assert not hasattr(model, "encoder_k")
+
+
+def test_prefill_replaces_the_random_queue_with_the_key_encoders_keys():
+    torch.manual_seed(0)
+    model = MoCo("resnet18", dim=4, K=6, m=0.9, T=0.2, mlp=True, shuffle_bn="off").train()
+    random_init = model.queue.clone()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.normalize(model.encoder_k(images), dim=1)  # no shuffle: the plain key encoder's keys
+    assert model.prefill_dictionary(images) == 4
+    assert model.prefill_dictionary(images) == 4  # second batch wraps around: K=6, columns 4, 5, 0, 1
+    assert torch.allclose(model.queue[:, 0:2].T, expected[2:4], atol=1e-6)
+    assert torch.allclose(model.queue[:, 2:4].T, expected[2:4], atol=1e-6)
+    assert torch.allclose(model.queue[:, 4:6].T, expected[0:2], atol=1e-6)
+    assert not torch.isclose(model.queue, random_init).any()
+    assert int(model.queue_ptr) == 8 % 6
+
+
+def test_prefill_writes_memory_bank_rows_of_the_batch_only():
+    torch.manual_seed(0)
+    model = MoCo("resnet18", dim=4, K=3, mlp=False, mechanism="memory_bank", shuffle_bn="off", bank_size=10).train()
+    before = model.memory_bank.clone()
+    images, index = torch.randn(3, 3, 32, 32), torch.tensor([7, 2, 5])
+    with torch.no_grad():
+        expected = F.normalize(model.encoder_q(images), dim=1)  # the bank stores query-encoder features
+    assert model.prefill_dictionary(images, index) == 3
+    assert torch.allclose(model.memory_bank[index], expected, atol=1e-6)
+    untouched = [i for i in range(10) if i not in (7, 2, 5)]
+    assert torch.equal(model.memory_bank[untouched], before[untouched])
+
+
+def test_prefill_is_a_no_op_for_end2end():
+    model = MoCo("resnet18", dim=4, mechanism="end2end", shuffle_bn="off")
+    assert model.prefill_dictionary(torch.randn(2, 3, 32, 32)) == 0

@@ -30,7 +30,8 @@ def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefol
     r0, r1 = safe_torch_load(dump / "rank0.pt"), safe_torch_load(dump / "rank1.pt")
     assert r0.keys() == r1.keys()
     if mechanism == "moco":
-        assert int(r0["queue_ptr"]) == (3 * 8) % 20
+        prefill_batches = -(-20 // 8)  # --dict-init prefill (default): ceil(K / global batch) batches of keys first
+        assert int(r0["queue_ptr"]) == (prefill_batches * 8 + 3 * 8) % 20
         assert torch.equal(r0["queue"], r1["queue"])
     if mechanism == "memory_bank":
         assert torch.equal(r0["memory_bank"], r1["memory_bank"])

@@ -144,6 +144,10 @@ def test_presets_and_overrides():
     assert v2.lr_steps == [10, 20] and v2.batch_size == 64 and v2.data == "synthetic"
     with pytest.raises(ValueError, match="mechanism"):
         make_config(mechanism="simclr")
+    assert make_config().dict_init == "prefill"
+    assert config_from_args(p.parse_args(["DATA", "--dict-init", "random"])).dict_init == "random"
+    with pytest.raises(ValueError, match="--dict-init"):
+        make_config(dict_init="zeros")
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_imagefolder, capsys):

@@ -132,3 +132,19 @@ def test_mask_to_polygons_ring_with_island():
     assert len(polys) == 2  # ring (with its hole) and island
     decoded = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, 20, 20))).astype(bool)
     assert np.array_equal(decoded, m)
+
+
+def test_each_class_has_its_own_texture_and_context_used_at_the_prior_rate():
+    from moco_zoo.data.synthetic import (APPEARANCE_PRIOR, BACKGROUNDS, CLASS_BACKGROUND, CLASS_TEXTURE, TEXTURES,
+                                         _pick)
+
+    pairs = set(zip(CLASS_TEXTURE, CLASS_BACKGROUND))
+    assert len(pairs) == len(CLASSES)  # no two classes share both cues
+    rng = np.random.default_rng(0)
+    n = 20000
+    for choices, preferred in ((TEXTURES, "checker"), (BACKGROUNDS, "gradient")):
+        rate = sum(_pick(rng, choices, preferred) == preferred for _ in range(n)) / n
+        expected = APPEARANCE_PRIOR + (1 - APPEARANCE_PRIOR) / len(choices)  # the prior, plus a uniform draw's share
+        assert abs(rate - expected) < 4 * (expected * (1 - expected) / n) ** 0.5
+        uniform = sum(_pick(rng, choices, None) == preferred for _ in range(n)) / n
+        assert abs(uniform - 1 / len(choices)) < 0.02
