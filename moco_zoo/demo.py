@@ -40,16 +40,17 @@ class Profile:
     """Sizes and budgets of one demo run (the full one targets ~15 min on 2 CPU cores)."""
 
     arch: str = "resnet18"
-    imagefolder_images: int = 2000  # 1500 train / 500 val
+    imagefolder_images: int = 4000  # 3000 train / 1000 val
     image_size: int = 64
     voc_images: int = 320
     coco_images: int = 200
     det_image_size: int = 128
-    pretrain_epochs: int = 16
-    batch_size: int = 64
-    moco_k: int = 1024  # below the number of training images (a larger queue would hold stale copies of positives)
+    pretrain_epochs: int = 24
+    batch_size: int = 128
+    moco_k: int = 2048  # below the number of training images (a larger queue would hold stale copies of positives)
     moco_m: float = 0.99  # 0.999 barely moves the key encoder in a run of a few hundred steps
-    lr: float = 0.06
+    lr: float = 0.06  # base lr for batch 256 (absolute 0.03 at batch 128); 0.24 learned nothing class-related here
+    knn_every: int = 4
     lincls_epochs: int = 10
     lincls_lr: float = 1.0
     det_iters: int = 150
@@ -63,11 +64,20 @@ class Profile:
 PROFILES: Dict[str, Profile] = {
     "full": Profile(),
     "fast": Profile(imagefolder_images=400, voc_images=48, coco_images=40, pretrain_epochs=2, moco_k=256,
+                    batch_size=64, knn_every=1,
                     lincls_epochs=2, det_iters=20, coco_iters=10, seg_iters=10, max_test_images=12),
 }
 
 
 # ----------------------------------------------------------------------------------------------------- running
+
+
+def _fast_cpu_flags() -> List[str]:
+    """bf16 autocast + channels_last where the CPU computes bf16 natively (AVX512-BF16/AMX: ~1.8x the fp32 step,
+    see bench/RESULTS.md); nothing elsewhere (emulated bf16 is slower than fp32). CUDA: the engine's default."""
+    from moco_zoo.device import cpu_has_native_bf16
+
+    return ["--precision", "bf16", "--channels-last"] if cpu_has_native_bf16() else []
 
 
 def _python(*args: str) -> List[str]:
@@ -180,7 +190,8 @@ class Demo:
             "pretrain/main_moco.py", str(self.imagefolder), "--arch", p.arch, "--moco-version", "v2",
             "--image-size", str(p.image_size), "--epochs", str(p.pretrain_epochs), "--batch-size", str(p.batch_size),
             "--lr", str(p.lr), "--moco-k", str(p.moco_k), "--moco-m", str(p.moco_m), "--workers", "2",
-            "--knn-every", "1", "--output-dir", str(out), "--resume", "auto", "--seed", "0"))
+            "--knn-every", str(p.knn_every), "--output-dir", str(out), "--resume", "auto", "--seed", "0",
+            *_fast_cpu_flags()))
         from pretrain.engine import list_checkpoints
 
         ckpts = list_checkpoints(out / "checkpoints")

@@ -32,8 +32,9 @@ def ddp_backend(device: torch.device) -> str:
 def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
     """Mixed-precision dtype for ``precision`` in {"auto", "fp32", "bf16", "fp16"}; None means full fp32.
 
-    "auto" picks fp16 on CUDA without bf16 support, bf16 on other CUDA devices, and fp32 on CPU (CPU bf16 pays only
-    with channels_last and AMX; the speed benchmarks measure it and users opt in with ``--precision bf16``).
+    "auto" picks fp16 on CUDA without bf16 support, bf16 on other CUDA devices, bf16 on CPUs with native bf16
+    instructions (AVX512-BF16 / AMX, as oneDNN reports them; pair it with channels_last, see bench/RESULTS.md), and
+    fp32 on other CPUs, where bf16 would be emulated and slower.
     """
     if precision == "fp32":
         return None
@@ -45,7 +46,17 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
         raise ValueError(f"unknown precision {precision!r}: expected auto, fp32, bf16 or fp16")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
     return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls/convolutions natively (oneDNN's check for AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
 
 
 @contextlib.contextmanager
