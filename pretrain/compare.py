@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--precision", default="auto",
                    help="auto: bf16 + channels_last on CPUs with native bf16 (and on CUDA), fp32 elsewhere")
     p.add_argument("--mechanisms", nargs="+", default=["moco", "end2end", "memory_bank"])
-    p.add_argument("--lincls-epochs", type=int, default=20)
+    p.add_argument("--lincls-epochs", type=int, default=8)
     p.add_argument("--lincls-lr", type=float, default=1.0,
                    help="linear-probe lr (the ImageNet protocol's 30 diverges on these small, unnormalised ResNet-18 "
                         "features; the same lr is used for every backbone)")
@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         lcfg = LinclsConfig(data=str(root), pretrained=spec, arch=args.arch, epochs=args.lincls_epochs,
                             batch_size=args.batch_size, lr=args.lincls_lr, image_size=args.image_size,
                             workers=args.workers, seed=args.seed, output_dir=str(out / f"lincls_{tag}"),
-                            resume="auto", progress=False)
+                            resume="auto", progress=False, precision=precision, channels_last=amp is not None)
         res = run_linear_probe(lcfg)
         results["rows"].setdefault(name, {}).update({"linear_top1": res["top1"], "linear_best_top1": res["best_top1"]})
         print(f"[compare] {name}: linear top-1 {res['top1']:.2f}", file=sys.stderr)
