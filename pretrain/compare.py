@@ -33,10 +33,11 @@ from pretrain.lincls import LinclsConfig, run_linear_probe  # noqa: E402
 
 
 def knn_of_random(root: Path, arch: str, image_size: int, seed: int) -> Dict[str, float]:
-    import timm
+    """kNN of the randomly initialised encoder, built exactly as the linear probe's ``random`` baseline (and as the
+    MoCo encoders start: torchvision-style init, not timm's zero-initialised last BN of each block)."""
+    from moco_zoo.backbones import load_backbone
 
-    torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
+    model = load_backbone("random", arch, seed=seed).eval()
     mon = KNNMonitor(root, image_size, default_device(), workers=2)
     with torch.no_grad():
         return mon.evaluate(model)
