@@ -73,11 +73,13 @@ PROFILES: Dict[str, Profile] = {
 
 
 def _fast_cpu_flags() -> List[str]:
-    """bf16 autocast + channels_last where the CPU computes bf16 natively (AVX512-BF16/AMX: ~1.8x the fp32 step,
-    see bench/RESULTS.md); nothing elsewhere (emulated bf16 is slower than fp32). CUDA: the engine's default."""
-    from moco_zoo.device import cpu_has_native_bf16
+    """Autocast where it pays (``--precision auto``: bf16 on CPUs with native bf16, ~1.8x the fp32 step there, see
+    bench/RESULTS.md; bf16/fp16 on CUDA; fp32 elsewhere) and channels_last whenever autocast is on. The same rule
+    as ``pretrain/compare.py``."""
+    from moco_zoo.device import autocast_dtype, default_device
 
-    return ["--precision", "bf16", "--channels-last"] if cpu_has_native_bf16() else []
+    amp = autocast_dtype(default_device(), "auto")
+    return ["--precision", "auto", *(["--channels-last"] if amp is not None else [])]
 
 
 def _python(*args: str) -> List[str]:
