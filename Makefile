@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 FAST ?= 0
+COCO ?= 0
+SEG ?= 0
 
 .PHONY: venv demo test test-slow test-all bench clean
 
@@ -18,9 +20,11 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	@touch $@
 
-## The main job on the embedded synthetic data (FAST=1: a few-minute smoke version).
+## The main job on the embedded synthetic data (FAST=1: a few-minute smoke version; COCO=1 / SEG=1 add the COCO
+## Mask R-CNN and VOC segmentation stages to the full run, about 3 and 1 extra minutes).
 demo: venv
-	$(PY) -m moco_zoo.demo --out demo_out $(if $(filter 1,$(FAST)),--fast,)
+	$(PY) -m moco_zoo.demo --out demo_out $(if $(filter 1,$(FAST)),--fast,) $(if $(filter 1,$(COCO)),--coco,) \
+		$(if $(filter 1,$(SEG)),--seg,)
 
 ## The default test suite (slow tests excluded), the same command CI runs.
 test: venv

@@ -46,8 +46,8 @@ def results_table(stages: Dict[str, Any]) -> Dict[str, Dict[str, Optional[float]
     return rows
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.1f}"
+def _fmt(v: Optional[float], digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def _rel(path: str, base: Path) -> str:
@@ -87,10 +87,23 @@ def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: fl
     lines += ["", f"MoCo beats random init on {len(wins)} of {len(compared)} metrics"
                   + (f" (not on: {', '.join(c for c in compared if c not in wins)})." if len(wins) < len(compared)
                      else "."), ""]
+    skipped = [what for on, what in (
+        (getattr(profile, "run_coco", True), "COCO detection + instance segmentation (`--coco`, `make demo COCO=1`)"),
+        (getattr(profile, "run_seg", True), "VOC semantic segmentation (`--seg`, `make demo SEG=1`)")) if not on]
+    if skipped:
+        lines += ["Not run in this profile (at a ~15-minute CPU budget they stay at noise level for both backbones): "
+                  + "; ".join(skipped) + ".", ""]
+    lin = stages.get("lincls", {})
+    if (lin.get("random") or {}).get("knn_top1_data_bn") is not None:
+        lines += ["kNN with BN statistics re-estimated on the train images (a random init's eval-mode BN has mean 0 "
+                  "/ var 1, i.e. it does not normalise; a trained encoder's BN does): MoCo v2 "
+                  f"{_fmt((lin.get('moco') or {}).get('knn_top1_data_bn'))}, random init "
+                  f"{_fmt(lin['random']['knn_top1_data_bn'])}.", ""]
     pre = stages.get("pretrain", {})
     if pre:
-        lines += [f"Pretraining: {profile.arch} at {profile.image_size} px, {profile.pretrain_epochs} epochs, "
-                  f"InfoNCE loss {pre.get('loss_first')} -> {pre.get('loss_last')}, final kNN top-1 "
+        lines += [f"Pretraining: {profile.arch} at {profile.image_size} px, {profile.pretrain_epochs} epochs of batch "
+                  f"{profile.batch_size}, queue K={profile.moco_k}, m={profile.moco_m}, base lr {profile.lr}, "
+                  f"InfoNCE loss {_fmt(pre.get('loss_first'), 3)} -> {_fmt(pre.get('loss_last'), 3)}, final kNN top-1 "
                   f"{_fmt(pre.get('knn_top1'))} (monitor during training).", ""]
 
     lines += ["## Plots", ""]

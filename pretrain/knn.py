@@ -7,11 +7,13 @@ ImageFolder with ``train/`` (the memory) and ``val/`` (the queries), center-crop
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from moco_zoo.device import autocast
@@ -60,6 +62,25 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
     return {"knn_top1": top1, "knn_top5": top5}
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> nn.Module:
+    """A copy of ``model`` (in eval mode) whose BatchNorm running statistics are the average of the per-batch
+    statistics over ``batches`` (cumulative moving average, "precise BN", Wu & Johnson 2021, arXiv:2105.07576).
+
+    A randomly initialised network in eval mode normalises with mean 0 / var 1, i.e. it does not normalise at all;
+    this gives the random-init baseline the same kind of BN statistics a trained network has.
+    """
+    model = copy.deepcopy(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches
+    model.train()
+    for x in batches:
+        model(x.to(device, non_blocking=True))
+    return model.eval()
+
+
 class KNNMonitor:
     """Builds the train/val loaders once; ``evaluate(feature_fn)`` returns kNN top-1/top-5 (%)."""
 
@@ -84,6 +105,16 @@ class KNNMonitor:
         self.val_loader = make_loader(self.val_set, batch_size=batch_size, workers=workers)
         self.device, self.k, self.t = device, k, t
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
+
+    def recalibrate_bn(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` whose BN running statistics are re-estimated on the kNN train images (see
+        :func:`recalibrate_bn`)."""
+        def batches():
+            for x, _, _ in self.train_loader:
+                yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+        with autocast(self.device, self.amp_dtype):
+            return recalibrate_bn(model, batches(), self.device)
 
     def evaluate(self, feature_fn: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, float]:
         tr_f, tr_y = extract_features(feature_fn, self.train_loader, self.device, self.amp_dtype, self.channels_last)

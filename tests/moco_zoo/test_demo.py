@@ -37,6 +37,16 @@ def test_results_table_reads_stage_outputs():
     assert rows["MoCo v2"].get("VOC seg mIoU") is None  # stage absent -> no value, never a made-up one
 
 
+def test_optional_stages_follow_the_profile_unless_overridden():
+    from moco_zoo.demo import select_profile
+
+    assert not select_profile("full").run_coco and not select_profile("full").run_seg
+    assert select_profile("fast").run_coco and select_profile("fast").run_seg
+    both = select_profile("full", coco=True, seg=True)
+    assert both.run_coco and both.run_seg and both.pretrain_epochs == select_profile("full").pretrain_epochs
+    assert not select_profile("fast", coco=False).run_coco and select_profile("fast", coco=False).run_seg
+
+
 @pytest.mark.slow
 def test_demo_fast_end_to_end(tmp_path):
     out = tmp_path / "demo_out"

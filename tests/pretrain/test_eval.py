@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moco_zoo.checkpoint import CheckpointError, safe_torch_load
-from pretrain.knn import knn_accuracy, knn_predict
+from pretrain.knn import knn_accuracy, knn_predict, recalibrate_bn
 from pretrain.lincls import LinclsConfig, run_linear_probe, scaled_milestones
 
 
@@ -26,6 +26,27 @@ def test_weighted_knn_vote_by_hand():
     assert knn_accuracy(tr, tr_y, va, va_y, 4, k=200)["knn_top1"] == 100.0
 
 
+def test_recalibrate_bn_averages_the_batch_statistics_and_leaves_the_model_alone():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.BatchNorm2d(4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(5, 3, 4, 4, generator=g) * (i + 1) + i for i in range(3)]
+    calib = recalibrate_bn(model, batches, torch.device("cpu"))
+    assert not calib.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # independent expectation: first BN sees the conv outputs; running mean/var = mean over batches of the batch
+    # mean / unbiased batch variance (the cumulative average of equal-weight updates)
+    with torch.no_grad():
+        acts = [model[0](b) for b in batches]
+    mean = torch.stack([a.mean((0, 2, 3)) for a in acts]).mean(0)
+    var = torch.stack([a.transpose(0, 1).reshape(4, -1).var(1, unbiased=True) for a in acts]).mean(0)
+    torch.testing.assert_close(calib[1].running_mean, mean)
+    torch.testing.assert_close(calib[1].running_var, var)
+    assert int(calib[1].num_batches_tracked) == 3
+    # the second BN sees ReLU outputs (positive mean), so it moved away from the init's mean 0
+    assert (calib[3].running_mean > 0).all()
+
+
 def test_linear_probe_protocol_checkpoint_and_resume(tiny_imagefolder, tmp_path):
     cfg = LinclsConfig(data=str(tiny_imagefolder), pretrained="random", arch="resnet18", epochs=2, batch_size=16,
                        lr=1.0, image_size=32, workers=0, output_dir=str(tmp_path / "lin"), progress=False)
@@ -34,7 +55,7 @@ def test_linear_probe_protocol_checkpoint_and_resume(tiny_imagefolder, tmp_path)
     assert res["sanity_check"] == "passed" and 0 <= res["top1"] <= 100 and len(res["history"]) == 2
     # kNN of the frozen features is reported too, computed with the backbone in eval mode (the sanity check above
     # would fail if it had updated BN statistics)
-    assert 0 <= res["knn_top1"] <= 100 and res["knn_top5"] >= res["knn_top1"]
+    assert 0 <= res["knn_top1"] <= 100 and res["knn_top5"] >= res["knn_top1"] and 0 <= res["knn_top1_data_bn"] <= 100
     ck = safe_torch_load(tmp_path / "lin" / "checkpoint.pth")
     assert ck["kind"] == "linear-probe" and ck["num_classes"] == 10 and len(ck["class_names"]) == 10
     assert ck["arch"] == "resnet18" and ck["source"] == "random" and ck["epoch"] == 2
