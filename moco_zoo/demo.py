@@ -45,14 +45,14 @@ class Profile:
     voc_images: int = 320
     coco_images: int = 200
     det_image_size: int = 128
-    pretrain_epochs: int = 24
+    pretrain_epochs: int = 30
     batch_size: int = 128
     # Two batches of keys. In a run of a few hundred steps the encoder changes fast and a long queue holds keys of a
     # much older encoder: kNN after 8 epochs 19.6 / 21.8 / 24.1 / 24.8 at K = 2048 / 512 / 256 / 128 (same seed).
     moco_k: int = 256
     moco_m: float = 0.99  # 0.999 barely moves the key encoder in a run of a few hundred steps
     lr: float = 0.06  # base lr for batch 256 (absolute 0.03 at batch 128); 0.24 learned nothing class-related here
-    knn_every: int = 4
+    knn_every: int = 5
     lincls_epochs: int = 8
     lincls_lr: float = 1.0
     det_iters: int = 150
