@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from moco_zoo.device import autocast
+from moco_zoo.precise_bn import recompute_bn_stats
 
 from .augment import eval_transform
 from .data import ImageFolderDataset, make_loader
@@ -71,13 +72,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], device: to
     this gives the random-init baseline the same kind of BN statistics a trained network has.
     """
     model = copy.deepcopy(model)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches
-    model.train()
-    for x in batches:
-        model(x.to(device, non_blocking=True))
+    recompute_bn_stats(model, batches, lambda m, x: m(x.to(device, non_blocking=True)))
     return model.eval()
 
 

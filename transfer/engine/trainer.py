@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from moco_zoo import device as devlib
 from moco_zoo.checkpoint import KIND_TRANSFER, CheckpointError, atomic_torch_save, safe_torch_load
+from moco_zoo.precise_bn import recompute_bn_stats
 
 from ..modeling import batchnorm_modules, build_detector, convert_sync_batchnorm
 from . import report
@@ -253,19 +254,15 @@ class DetectionRun:
         bns = batchnorm_modules(self.model)
         if iters <= 0 or not bns or self.eval_only:
             return
-        momenta = [bn.momentum for bn in bns]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average
         loader = iter(self._train_loader())
-        self.model.train()
         _set_sizes(self.model, self.cfg, train=True)
-        for _ in _progress(range(iters), desc="precise BN", unit="it"):
+
+        def forward(model: nn.Module, _: int) -> None:
             images, targets = _to_device(*next(loader), self.device)
             with devlib.autocast(self.device, self.amp_dtype):
-                self.model(images, targets)
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
+                model(images, targets)
+
+        for bn in recompute_bn_stats(self.model, _progress(range(iters), desc="precise BN", unit="it"), forward):
             if devlib.is_distributed():
                 for buf in (bn.running_mean, bn.running_var):
                     dist.all_reduce(buf)

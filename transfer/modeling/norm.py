@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from moco_zoo.precise_bn import batchnorm_modules  # noqa: F401  (re-exported by transfer.modeling)
+
 NORMS = ("bn", "syncbn", "frozen")
 
 
@@ -78,6 +80,3 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return module
 
 
-def batchnorm_modules(model: nn.Module):
-    """Trainable-statistics BN modules (BatchNorm*, SyncBatchNorm, DistributedBatchNorm2d); not FrozenBatchNorm2d."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
