@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(hf_constants, "HUGGINGFACE_HUB_CACHE", str(home / "hub"), raising=False)
+    yield home
+    # Downloads of ResNet-50 weights add up to gigabytes over the suite: free them as soon as the test ends.
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

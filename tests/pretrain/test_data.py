@@ -43,8 +43,9 @@ def test_unreadable_directory_is_named(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(os, "scandir", deny)  # (chmod is no barrier for root, which runs CI here)
-    with pytest.raises(DataError, match=r"cls: directory is not readable"):
+    # chmod is no barrier for root, which runs CI here. Undo before teardown: pytest's cleanup uses os.scandir too.
+    with monkeypatch.context() as patch, pytest.raises(DataError, match=r"cls: directory is not readable"):
+        patch.setattr(os, "scandir", deny)
         scan_imagefolder(root)
 
 
