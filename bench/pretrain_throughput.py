@@ -58,6 +58,11 @@ VARIANTS = {
     "bf16": dict(precision="bf16", channels_last=False, compile=False),
     "bf16-cl": dict(precision="bf16", channels_last=True, compile=False),
     "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
+    # --augment batched: workers crop/resize/flip uint8 views, colour jitter + grayscale + blur batched in the step's
+    # process (e2e only; in step mode there is no augmentation to time)
+    "bf16-cl-batched": dict(precision="bf16", channels_last=True, compile=False, augment="batched"),
+    # glibc's default allocator behaviour (--no-keep-host-memory): freed activations go back to the OS every step
+    "bf16-cl-malloc-default": dict(precision="bf16", channels_last=True, compile=False, keep_host_memory=False),
 }
 
 
@@ -171,7 +176,9 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
             image_size=spec["image_size"], batch_size=spec["batch_size"], num_negatives=spec["K"],
             shuffle_bn=spec["shuffle_bn"], shuffle_groups=spec["shuffle_groups"], workers=spec["workers"],
             pin_memory=spec["pin_memory"], persistent_workers=spec["persistent_workers"], device="cpu",
-            precision=v["precision"], channels_last=v["channels_last"], compile=v["compile"], epochs=1000,
+            precision=v["precision"], channels_last=v["channels_last"], compile=v["compile"],
+            augment=v.get("augment", "pil") if spec["mode"] == "e2e" else "pil",
+            keep_host_memory=v.get("keep_host_memory", True), epochs=1000,
             knn_every=0, progress=False, plots=False, output_dir=out, seed=0)
         trainer = Trainer(cfg)
         trainer.model.train()
@@ -445,7 +452,8 @@ def best(a: Optional[Dict[str, Any]], b: Dict[str, Any]) -> Dict[str, Any]:
     if "error" in b:
         return a
     keep = dict(a if a["img_s"] >= b["img_s"] else b)
-    keep["all_img_s"] = a.get("all_img_s", [a["img_s"]]) + [b["img_s"]]
+    keep["all_runs"] = a.get("all_runs", [{"workers": a.get("workers"), "img_s": a["img_s"]}]) + \
+        [{"workers": b.get("workers"), "img_s": b["img_s"]}]
     return keep
 
 
@@ -466,7 +474,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shuffle-bn", default="split", choices=("split", "off"),
                         help="our single-process shuffle BN (the reference runs its DDP shuffle on one rank)")
     parser.add_argument("--shuffle-groups", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (same for ours and reference)")
+    parser.add_argument("--workers", default="2",
+                        help="DataLoader workers; a comma list (e.g. 0,1,2) runs ours and the reference at each "
+                             "count and reports each one's best, with the count it needed")
     parser.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=True,
                         help="ours (the engine's default); the reference's DataLoader has none")
@@ -490,6 +500,10 @@ def main(argv=None) -> int:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     modes = [m for m in args.modes.split(",") if m]
+    try:
+        worker_counts = [int(w) for w in str(args.workers).split(",") if w != ""]
+    except ValueError:
+        parser.error(f"--workers: expected integers separated by commas, got {args.workers!r}")
     C.set_threads(args.threads)
     info = C.machine_info()
     C.print_header("MoCo pretraining throughput (ours vs facebookresearch/moco@4397a04)", info)
@@ -523,28 +537,32 @@ def main(argv=None) -> int:
                 continue
             base = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"], K=cfg["K"],
                         moco_version=args.moco_version, aug=args.moco_version, mode=mode, data=data,
-                        workers=args.workers, pin_memory=args.pin_memory,
+                        pin_memory=args.pin_memory,
                         persistent_workers=args.persistent_workers, warmup=args.warmup, steps=steps,
                         threads=args.threads, shuffle_bn=args.shuffle_bn, shuffle_groups=args.shuffle_groups,
                         reference=args.reference, ref_ddp=args.ref_ddp)
             results: Dict[str, Optional[Dict[str, Any]]] = {v: None for v in variants}
             ref: Optional[Dict[str, Any]] = None
             for _ in range(args.rounds):
-                for v in variants:
-                    r = run_in_subprocess(dict(base, impl="ours", variant=v), args.timeout)
-                    results[v] = best(results[v], r)
-                    print(f"  ours {v:16s} {cfg['name']} {mode}: " +
-                          (r["error"] if "error" in r else f"{r['img_s']:.1f} img/s"), file=sys.stderr)
-                if args.reference:
-                    r = run_in_subprocess(dict(base, impl="reference", variant="reference"), args.timeout)
-                    ref = best(ref, r)
-                    print(f"  reference        {cfg['name']} {mode}: " +
-                          (r["error"] if "error" in r else f"{r['img_s']:.1f} img/s"), file=sys.stderr)
+                for w in (worker_counts if mode == "e2e" else worker_counts[:1]):
+                    for v in variants:
+                        r = dict(run_in_subprocess(dict(base, impl="ours", variant=v, workers=w), args.timeout),
+                                 workers=w)
+                        results[v] = best(results[v], r)
+                        print(f"  ours {v:16s} {cfg['name']} {mode} workers {w}: " +
+                              (r["error"] if "error" in r else f"{r['img_s']:.1f} img/s"), file=sys.stderr)
+                    if args.reference:
+                        r = dict(run_in_subprocess(dict(base, impl="reference", variant="reference", workers=w),
+                                                   args.timeout), workers=w)
+                        ref = best(ref, r)
+                        print(f"  reference             {cfg['name']} {mode} workers {w}: " +
+                              (r["error"] if "error" in r else f"{r['img_s']:.1f} img/s"), file=sys.stderr)
             flops = next((r.get("flops_per_step") for r in results.values() if r and r.get("flops_per_step")), None)
             for v, r in results.items():
                 row = {"config": cfg["name"], "mode": mode, "variant": v, "ours": r}
                 if r and "error" not in r:
                     row["ours_img_s"] = r["img_s"]
+                    row["ours_workers"] = r.get("workers")
                     row["ours_img_cpu_s"] = r.get("img_per_cpu_s")
                     row["ours_rss_mb"] = r["peak_rss_mb"]
                     if flops:
@@ -556,6 +574,7 @@ def main(argv=None) -> int:
                     row["reference"] = ref
                     if "error" not in ref:
                         row["ref_img_s"] = ref["img_s"]
+                        row["ref_workers"] = ref.get("workers")
                         row["ref_img_cpu_s"] = ref.get("img_per_cpu_s")
                         row["ref_rss_mb"] = ref["peak_rss_mb"]
                         if row.get("ours_img_s"):
@@ -566,9 +585,11 @@ def main(argv=None) -> int:
                 rows.append(row)
 
     if rows:
-        print(C.markdown_table(rows, ["config", "mode", "variant", "ours_img_s", "ref_img_s", "ratio", "ours_rss_mb",
+        print(C.markdown_table(rows, ["config", "mode", "variant", "ours_img_s", "ours_workers", "ref_img_s",
+                                      "ref_workers", "ratio", "ours_rss_mb",
                                       "ref_rss_mb", "gflops", "pct_peak", "ours_img_cpu_s", "ref_img_cpu_s"],
-                               ["config", "mode", "ours variant", "ours img/s", "reference img/s", "ours/ref",
+                               ["config", "mode", "ours variant", "ours img/s", "ours workers", "reference img/s",
+                                "ref workers", "ours/ref",
                                 "ours peak RSS MiB", "ref peak RSS MiB", "step model GFLOP/s", "% bf16 matmul peak",
                                 "ours img/CPU-s (main proc)", "ref img/CPU-s (main proc)"],
                                digits=2))

@@ -53,6 +53,7 @@ class MocoConfig:
     shuffle_groups: int = 8  # G of the single-device split-BN emulation (like 8 GPUs of the papers)
     # data / augmentation
     aug: str = "v2"
+    augment: str = "pil"  # pil: whole recipe per image in the workers | batched: colour ops batched on the device
     image_size: int = 224
     workers: int = 4
     pin_memory: bool = True
@@ -75,6 +76,7 @@ class MocoConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto
     channels_last: bool = False
     compile: bool = False
+    keep_host_memory: bool = True  # glibc: reuse freed host memory (no per-step page faults), see moco_zoo.device
     # bookkeeping
     seed: int = 0
     output_dir: str = "runs/moco"
@@ -108,6 +110,8 @@ class MocoConfig:
             raise ValueError(f"--shuffle-bn must be one of {SHUFFLE_BN_MODES}, got {self.shuffle_bn!r}")
         if self.aug not in ("v1", "v2"):
             raise ValueError(f"--aug must be v1 or v2, got {self.aug!r}")
+        if self.augment not in ("pil", "batched"):
+            raise ValueError(f"--augment must be pil or batched, got {self.augment!r}")
         if self.lr_schedule not in ("step", "cosine"):
             raise ValueError(f"--lr-schedule must be step or cosine, got {self.lr_schedule!r}")
         if self.momentum_schedule not in ("fixed", "cosine"):
@@ -146,6 +150,9 @@ _FLAGS: Sequence[tuple] = (
     ("--shuffle-bn", "shuffle_bn", str, "auto | ddp | split | off (auto: ddp under torchrun, split on one device)"),
     ("--shuffle-groups", "shuffle_groups", int, "split mode: number of BN groups G (8)"),
     ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),
+    ("--augment", "augment", str, "where the recipe runs: pil (every op per image in the loader workers, as the "
+     "original code) | batched (workers only crop, resize and flip uint8 views; colour jitter, grayscale and blur "
+     "run on the whole batch on the training device, same parameter draws)"),
     ("--image-size", "image_size", int, "crop size (224)"),
     ("-j", "workers", int, "DataLoader worker processes per rank"),
     ("--pin-memory", "pin_memory", "bool", "pinned host memory for batches"),
@@ -167,6 +174,8 @@ _FLAGS: Sequence[tuple] = (
     ("--precision", "precision", str, "fp32 | bf16 | fp16 | auto (autocast)"),
     ("--channels-last", "channels_last", "bool", "channels_last memory format (pays with bf16 on CPU/GPU)"),
     ("--compile", "compile", "bool", "torch.compile the encoders"),
+    ("--keep-host-memory", "keep_host_memory", "bool", "keep freed host memory mapped for reuse (glibc mallopt; "
+     "avoids re-faulting activation pages every step)"),
     ("--seed", "seed", int, "random seed"),
     ("--output-dir", "output_dir", str, "checkpoints, metrics.jsonl and plots go here"),
     ("--save-every-steps", "save_every_steps", int, "also checkpoint every N steps (0: epoch ends only)"),

@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,10 @@ import torch.nn as nn
 from moco_zoo.checkpoint import (KIND_PRETRAIN, CheckpointError, atomic_torch_save, atomic_write_bytes,
                                  checkpoint_kind, safe_torch_load)
 from moco_zoo.device import (autocast, autocast_dtype, init_distributed_from_env, is_distributed, is_main_process,
-                             rank, world_size)
+                             keep_host_memory_mapped, rank, world_size)
 
 from .augment import TwoCropsTransform, pretrain_transform
+from .batched_augment import BatchedPhotometric, GeometricViews
 from .builder import MoCo
 from .config import MocoConfig
 from .data import ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root, resolve_split
@@ -253,6 +254,8 @@ class Trainer:
 
     def __init__(self, cfg: MocoConfig) -> None:
         self.cfg = cfg.validate()
+        if cfg.keep_host_memory:
+            keep_host_memory_mapped()  # before the DataLoader forks its workers, which inherit it
         self.device = init_distributed_from_env(cfg.device)
         self.rank, self.world = rank(), world_size()
         self.main = is_main_process()
@@ -271,7 +274,12 @@ class Trainer:
             if self.data_root is None:
                 self.data_root = resolve_data_root(cfg.data, cfg.synthetic_images, cfg.synthetic_size, seed=0)
         assert self.data_root is not None
-        transform = TwoCropsTransform(pretrain_transform(cfg.aug, cfg.image_size))
+        self.photometric: Optional[BatchedPhotometric] = None
+        if cfg.augment == "batched":  # the loader yields (uint8 views, parameters); colour ops run in _views
+            transform: Callable = GeometricViews(cfg.aug, cfg.image_size)
+            self.photometric = BatchedPhotometric(cfg.aug)
+        else:
+            transform = TwoCropsTransform(pretrain_transform(cfg.aug, cfg.image_size))
         self.dataset = ImageFolderDataset(resolve_split(self.data_root, "train"), transform)
         self.sampler = ResumableBatchSampler(len(self.dataset), self.local_batch, rank=self.rank,
                                              world_size=self.world, seed=cfg.seed)
@@ -423,6 +431,13 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
+    def _views(self, images: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """A loader batch -> [queries, keys] on the device (``--augment batched``: after the batched colour ops)."""
+        if self.photometric is not None:
+            with torch.no_grad():
+                return self.photometric(images, self.device, self.cfg.channels_last)
+        return [self._to_device(images[0]), self._to_device(images[1])]
+
     @torch.no_grad()
     def _broadcast_bn_buffers(self) -> None:
         """Rank 0's BN running statistics of the query encoder to every rank (one coalesced broadcast per dtype)."""
@@ -445,7 +460,7 @@ class Trainer:
         if self.world > 1:
             self._broadcast_bn_buffers()
         self.model.m = momentum_at(self.global_step, self.total_steps, self.cfg)
-        im_q, im_k = self._to_device(images[0]), self._to_device(images[1])
+        im_q, im_k = self._views(images)
         with autocast(self.device, self.amp_dtype):
             out = self.ddp_model(im_q, im_k, index.to(self.device, non_blocking=True))
         loss = self.criterion(out.logits.float(), out.labels)
@@ -488,8 +503,9 @@ class Trainer:
         while done < batches:
             self.sampler.set_epoch(self.PREFILL_EPOCH - rnd)  # another pass if K exceeds the data set
             for images, _, index in self.loader:
+                keys = self._views(images)[1]
                 with torch.no_grad(), autocast(self.device, self.amp_dtype):
-                    stored += self.model.prefill_dictionary(self._to_device(images[1]),
+                    stored += self.model.prefill_dictionary(keys,
                                                             index.to(self.device, non_blocking=True))
                 done += 1
                 if bar is not None:
