@@ -196,7 +196,10 @@ class Demo:
         self.run("pretrain", _python(
             "pretrain/main_moco.py", str(self.imagefolder), "--arch", p.arch, "--moco-version", "v2",
             "--image-size", str(p.image_size), "--epochs", str(p.pretrain_epochs), "--batch-size", str(p.batch_size),
-            "--lr", str(p.lr), "--moco-k", str(p.moco_k), "--moco-m", str(p.moco_m), "--workers", "2",
+            "--lr", str(p.lr), "--moco-k", str(p.moco_k), "--moco-m", str(p.moco_m),
+            # colour ops batched in the training process, loading in it too: on 2 cores this beats PIL workers
+            # that compete with the step (~187 vs ~117 img/s here; bench/RESULTS.md)
+            "--augment", "batched", "--workers", "0",
             "--knn-every", str(p.knn_every), "--output-dir", str(out), "--resume", "auto", "--seed", "0",
             *_fast_cpu_flags()))
         from pretrain.engine import list_checkpoints
