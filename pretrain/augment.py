@@ -16,6 +16,12 @@ from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The recipes' hyper-parameters (also used by pretrain.batched_augment, which must draw the same distributions).
+CROP_SCALE = (0.2, 1.0)
+V1_JITTER = (0.4, 0.4, 0.4, 0.4)
+V2_JITTER, V2_JITTER_P = (0.4, 0.4, 0.4, 0.1), 0.8
+GRAY_P = 0.2
+BLUR_SIGMA, V2_BLUR_P = (0.1, 2.0), 0.5
 
 
 class GaussianBlur:
@@ -37,9 +43,9 @@ def normalize() -> T.Normalize:
 
 def moco_v1_transform(size: int = 224) -> T.Compose:
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomGrayscale(p=0.2),
-        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        T.RandomResizedCrop(size, scale=CROP_SCALE),
+        T.RandomGrayscale(p=GRAY_P),
+        T.ColorJitter(*V1_JITTER),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         normalize(),
@@ -48,10 +54,10 @@ def moco_v1_transform(size: int = 224) -> T.Compose:
 
 def moco_v2_transform(size: int = 224) -> T.Compose:
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomResizedCrop(size, scale=CROP_SCALE),
+        T.RandomApply([T.ColorJitter(*V2_JITTER)], p=V2_JITTER_P),
+        T.RandomGrayscale(p=GRAY_P),
+        T.RandomApply([GaussianBlur(BLUR_SIGMA)], p=V2_BLUR_P),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         normalize(),

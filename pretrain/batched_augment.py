@@ -19,17 +19,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.transforms.v2 import functional as TF
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .augment import (BLUR_SIGMA, CROP_SCALE, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, V1_JITTER, V2_BLUR_P, V2_JITTER,
+                      V2_JITTER_P)
 
 # Columns of the per-view photometric parameter row drawn by GeometricViews.
 JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA = 0, 1, 5, 6, 7, 8, 9, 10, 11
 NUM_PARAMS = 12
-BLUR_SIGMA = (0.1, 2.0)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 
 
@@ -38,10 +36,10 @@ class Recipe:
 
     def __init__(self, name: str) -> None:
         if name == "v1":
-            self.jitter, self.jitter_p, self.gray_p, self.blur_p = (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, 0.0
+            self.jitter, self.jitter_p, self.gray_p, self.blur_p = V1_JITTER, 1.0, GRAY_P, 0.0
             self.ops = ("gray", "jitter")
         elif name == "v2":
-            self.jitter, self.jitter_p, self.gray_p, self.blur_p = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5
+            self.jitter, self.jitter_p, self.gray_p, self.blur_p = V2_JITTER, V2_JITTER_P, GRAY_P, V2_BLUR_P
             self.ops = ("jitter", "gray", "blur")
         else:
             raise ValueError(f"unknown augmentation recipe {name!r}: expected v1 or v2")
@@ -55,7 +53,7 @@ class GeometricViews:
     sample seed set by :class:`pretrain.data.ImageFolderDataset` selects the same augmentation in both pipelines.
     """
 
-    def __init__(self, recipe: str, size: int = 224, scale: Tuple[float, float] = (0.2, 1.0)) -> None:
+    def __init__(self, recipe: str, size: int = 224, scale: Tuple[float, float] = CROP_SCALE) -> None:
         self.recipe = Recipe(recipe)
         self.size = int(size)
         self.crop = T.RandomResizedCrop(self.size, scale=scale)
