@@ -73,7 +73,7 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Iterator[Non
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 HEAP_ALLOC_LIMIT = 32 << 20  # glibc's largest allowed mmap threshold on 64-bit
 
 
@@ -81,9 +81,11 @@ def keep_host_memory_mapped() -> bool:
     """Reuse freed host memory instead of returning it to the OS (glibc only; ``False`` elsewhere).
 
     By default glibc serves large blocks with ``mmap`` and unmaps them on ``free``, so each training step re-faults
-    every activation tensor page by page (on this 2-core CPU: ResNet-18 @ 64 px step 173 -> 211 img/s with this
-    on, batched colour augmentation 2x faster). Blocks up to 32 MiB now come from the heap, and the heap is not
-    trimmed. Costs: memory freed by the process stays reserved for it (peak RSS is unchanged).
+    every activation tensor page by page (on this 2-core CPU: ResNet-18 @ 64 px step 173 -> 211 img/s with a 32 MiB
+    threshold, batched colour augmentation 2x faster). glibc caps the mmap threshold at 32 MiB, and MoCo's InfoNCE
+    logits are larger (Nx(1+K) fp32 at N=128, K=65536 is 32 MiB + 512 B: cross-entropy forward+backward 95 -> 8 ms),
+    so ``mmap`` is switched off for ordinary allocations (glibc still falls back to it when the heap cannot grow).
+    The heap is never trimmed. Costs: memory freed by the process stays reserved for it (peak RSS is unchanged).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -93,7 +95,8 @@ def keep_host_memory_mapped() -> bool:
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOC_LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOC_LIMIT)) and bool(mallopt(_M_MMAP_MAX, 0))
+            and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def is_distributed() -> bool:

@@ -15,7 +15,7 @@ by recognising the sub-batch a positive came from. MoCo encodes the keys with th
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,12 @@ def split_groups(n: int, num_splits: int) -> int:
     return max(1, min(int(num_splits), n // 2))
 
 
+def block_sizes(n: int, g: int) -> List[int]:
+    """Sizes of ``g`` nearly equal contiguous blocks of ``n`` samples, the larger ones first (``torch.tensor_split``'s
+    partition)."""
+    return [n // g + (1 if j < n % g else 0) for j in range(g)]
+
+
 def split_block_order(n: int, num_splits: int, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
     """The order that puts the interleaved group ``{i : i % G == j}`` into contiguous block ``j``.
 
@@ -184,12 +190,13 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         track = self.running_mean is not None
         if self.grouping == "blocks" or n % g:
             # One native batch_norm per contiguous block (memory format kept); each block updates its own copy of
-            # the running statistics (rows of a G x C tensor), averaged afterwards.
+            # the running statistics (rows of a G x C tensor), averaged afterwards. split(), not tensor_split(): its
+            # backward is one concatenation, tensor_split's is a zero-filled full-size gradient per block, summed.
             rm = self.running_mean.unsqueeze(0).repeat(g, 1) if track else None
             rv = self.running_var.unsqueeze(0).repeat(g, 1) if track else None
             outs = [F.batch_norm(chunk, rm[j] if track else None, rv[j] if track else None, self.weight, self.bias,
                                  True, factor, self.eps)
-                    for j, chunk in enumerate(torch.tensor_split(x, g, dim=0))]
+                    for j, chunk in enumerate(x.split(block_sizes(n, g), dim=0))]
             out = torch.cat(outs, dim=0)
         else:
             # interleaved: NxCxHxW -> (N/G)x(G*C)xHxW, channel block j holds the samples i with i % G == j.

@@ -24,7 +24,7 @@ libc.malloc.restype = ctypes.c_void_p
 if sys.argv[1] == "on":
     assert keep_host_memory_mapped() is True
 before = libc.mallinfo2().hblkhd
-block = libc.malloc(16 << 20)
+block = libc.malloc(int(sys.argv[2]) << 20)
 print(libc.mallinfo2().hblkhd - before)
 """
 
@@ -39,11 +39,12 @@ def _glibc_with_mallinfo2() -> bool:
 
 
 @pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
-def test_large_blocks_come_from_the_heap_after_keep_host_memory_mapped():
+@pytest.mark.parametrize("mib", [16, 48])  # below and above glibc's largest mmap threshold (32 MiB)
+def test_large_blocks_come_from_the_heap_after_keep_host_memory_mapped(mib):
     def mmapped_bytes(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=REPO, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, "-c", _PROBE, mode, str(mib)], cwd=REPO, capture_output=True,
+                             text=True, check=True)
         return int(out.stdout.strip())
 
-    assert mmapped_bytes("off") >= 16 << 20  # glibc default: a 16 MiB block is its own mmap
+    assert mmapped_bytes("off") >= mib << 20  # glibc default: a block this large is its own mmap
     assert mmapped_bytes("on") == 0

@@ -77,3 +77,27 @@ def test_resolve_shuffle_mode():
     assert resolve_shuffle_mode("off", True, "moco") == "off"
     with pytest.raises(ValueError, match="torchrun"):
         resolve_shuffle_mode("ddp", False, "moco")
+
+
+@pytest.mark.parametrize("n", [8, 7])
+def test_split_bn_blocks_gradients_equal_per_block_batch_norm(n):
+    """Input, weight and bias gradients of the blocks grouping equal those of plain BN run on each block alone."""
+    torch.manual_seed(0)
+    c, g = 3, 3
+    x = (torch.randn(n, c, 4, 4) * torch.arange(1, n + 1).view(n, 1, 1, 1)).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    split = SplitBatchNorm2d(c, num_splits=g, grouping="blocks")
+    nn.init.uniform_(split.weight, 0.5, 1.5)
+    nn.init.uniform_(split.bias, -0.5, 0.5)
+    upstream = torch.randn(n, c, 4, 4)
+    (split(x) * upstream).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_()
+    w, b = split.weight.detach().clone().requires_grad_(), split.bias.detach().clone().requires_grad_()
+    sizes = [len(chunk) for chunk in torch.tensor_split(torch.arange(n), g)]
+    out = torch.cat([F.batch_norm(chunk, None, None, w, b, training=True, eps=split.eps)
+                     for chunk in x_ref.split(sizes)])
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split.weight.grad, w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split.bias.grad, b.grad, rtol=1e-4, atol=1e-5)
