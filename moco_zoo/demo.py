@@ -8,7 +8,8 @@ Stages (each one is the project's normal command line, run as a subprocess and l
 4. ``moco-zoo convert`` (timm, torchvision, detectron2) and ``moco-zoo publish`` to a local Hub test server, then
    ``timm.create_model('hf-hub:...', pretrained=True)`` in a fresh process through the Hugging Face cache (online,
    then offline), checking the features equal those of the checkpoint's query encoder;
-5. ``transfer/voc_det.py``, ``transfer/coco_det.py``, ``transfer/voc_seg.py``: MoCo vs random init at equal budget;
+5. ``transfer/voc_object_knn.py`` (frozen-feature kNN on the VOC objects), then ``transfer/voc_det.py``,
+   ``transfer/coco_det.py``, ``transfer/voc_seg.py``: MoCo vs random init at equal budget;
 6. ``REPORT.md``: every number read back from the stages' own output files, plots, artifact paths, and the commands
    to rerun each stage on real data and on GPUs.
 
@@ -297,6 +298,17 @@ class Demo:
         return {"summary": f"{stage}: comparison in {out / 'comparison.md'}", "rows": rows,
                 "table": str(out / "comparison.md"), "out_dir": str(out)}
 
+    def object_knn(self, checkpoint: str) -> Dict[str, Any]:
+        """Frozen-feature kNN on the VOC test objects (crops at the pretraining resolution), MoCo vs random init."""
+        out = self.out / "voc_object_knn"
+        self.run("voc_object_knn", _python(
+            "transfer/voc_object_knn.py", "--data-root", str(self.voc_devkit), "--weights", checkpoint, "random",
+            "--arch", self.p.arch, "--crop-size", str(self.p.image_size), "--out", str(out)))
+        rows = json.loads((out / "object_knn.json").read_text())
+        top1 = {("random" if r["weights"] == "random" else "moco"): r["metrics"]["knn_top1"] for r in rows}
+        return {"summary": f"VOC object kNN top-1 MoCo {top1['moco']:.1f} vs random {top1['random']:.1f}",
+                "rows": rows, "table": str(out / "object_knn.md"), "out_dir": str(out)}
+
     def run_all(self) -> Path:
         t0 = time.time()
         self.stage("data", self.make_data)
@@ -304,6 +316,7 @@ class Demo:
         ckpt = pre["checkpoint"]
         self.stage("lincls", lambda: self.lincls(ckpt))
         self.stage("convert_publish", lambda: self.convert_publish(ckpt))
+        self.stage("voc_object_knn", lambda: self.object_knn(ckpt))
         self.stage("voc_det", lambda: self.transfer("voc_det.py", "voc_det", self.voc_devkit, self.p.det_iters, ckpt))
         if self.p.run_coco:
             # half the cpu preset's lr and gradient-norm clipping: Mask R-CNN from the short-pretrained MoCo

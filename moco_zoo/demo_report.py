@@ -12,6 +12,7 @@ from moco_zoo.checkpoint import atomic_write_text
 COLUMNS = [
     ("kNN top-1", "lincls", ("knn_top1",)),
     ("linear top-1", "lincls", ("top1",)),
+    ("VOC object kNN", "voc_object_knn", ("knn_top1",)),
     ("VOC AP50", "voc_det", ("AP50",)),
     ("VOC AP", "voc_det", ("AP",)),
     ("VOC AP75", "voc_det", ("AP75",)),
@@ -99,6 +100,11 @@ def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: fl
                   "/ var 1, i.e. it does not normalise; a trained encoder's BN does): MoCo v2 "
                   f"{_fmt((lin.get('moco') or {}).get('knn_top1_data_bn'))}, random init "
                   f"{_fmt(lin['random']['knn_top1_data_bn'])}.", ""]
+    if stages.get("voc_object_knn"):
+        lines += ["VOC object kNN: the frozen backbone's kNN top-1 on the VOC test set's ground-truth objects (crops "
+                  "of the boxes, memory = the trainval objects; `transfer/voc_object_knn.py`). It measures whether "
+                  "the representation transfers to the detection set's objects; VOC AP also depends on how fast the "
+                  "new detection heads learn in the fine-tuning budget.", ""]
     pre = stages.get("pretrain", {})
     if pre:
         lines += [f"Pretraining: {profile.arch} at {profile.image_size} px, {profile.pretrain_epochs} epochs of batch "
@@ -157,6 +163,8 @@ python pretrain/main_lincls.py /data/imagenet --pretrained runs/moco_v2_r50/chec
 moco-zoo convert CKPT --to timm --out model.safetensors
 moco-zoo convert CKPT --to detectron2 --out moco_r50.pkl
 moco-zoo publish CKPT --config hub_configs/moco_v2_800ep.yaml --repo-id ORG/NAME
+# frozen-feature kNN on the VOC07 test objects (minutes on one GPU or CPU):
+python transfer/voc_object_knn.py --data-root /data/VOCdevkit --weights CKPT random --crop-size 224
 # VOC07+12 detection, R50-C4, the paper's schedule on 8 GPUs (24k iterations, batch 16):
 torchrun --nproc_per_node=8 transfer/voc_det.py --data-root /data/VOCdevkit --weights CKPT random \\
     torchvision-supervised --preset paper

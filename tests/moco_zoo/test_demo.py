@@ -26,6 +26,8 @@ def _table_rows(report: str) -> dict:
 def test_results_table_reads_stage_outputs():
     stages = {
         "lincls": {"moco": {"top1": 40.0, "knn_top1": 35.5}, "random": {"top1": 20.0, "knn_top1": 15.0}},
+        "voc_object_knn": {"rows": [{"weights": "/x/ckpt.pth", "metrics": {"knn_top1": 24.5}},
+                                    {"weights": "random", "metrics": {"knn_top1": 16.0}}]},
         "voc_det": {"rows": [{"weights": "/x/ckpt.pth", "metrics": {"AP50": 30.0, "AP": 12.0, "AP75": 9.0}},
                              {"weights": "random", "metrics": {"AP50": 10.0, "AP": 3.0, "AP75": 1.0}}]},
         "coco_det": {"rows": [{"weights": "/x/ckpt.pth", "metrics": {"bbox": {"AP": 7.0}, "segm": {"AP": 6.0}}},
@@ -34,6 +36,7 @@ def test_results_table_reads_stage_outputs():
     rows = results_table(stages)
     assert rows["MoCo v2"]["linear top-1"] == 40.0 and rows["random init"]["kNN top-1"] == 15.0
     assert rows["MoCo v2"]["VOC AP75"] == 9.0 and rows["random init"]["COCO mask AP"] == 1.5
+    assert rows["MoCo v2"]["VOC object kNN"] == 24.5 and rows["random init"]["VOC object kNN"] == 16.0
     assert rows["MoCo v2"].get("VOC seg mIoU") is None  # stage absent -> no value, never a made-up one
 
 
@@ -64,7 +67,10 @@ def test_demo_fast_end_to_end(tmp_path):
     assert rows["MoCo v2"]["linear top-1"] == f"{lin_moco['top1']:.1f}"
     assert rows["random init"]["VOC AP50"] == f"{voc['random']['AP50']:.1f}"
     assert rows["MoCo v2"]["VOC AP"] == f"{voc['moco']['AP']:.1f}"
-    assert set(book["stages"]) >= {"data", "pretrain", "lincls", "convert_publish", "voc_det"}
+    obj = {("random" if r["weights"] == "random" else "moco"): r["metrics"]
+           for r in json.loads((out / "voc_object_knn" / "object_knn.json").read_text())}
+    assert rows["MoCo v2"]["VOC object kNN"] == f"{obj['moco']['knn_top1']:.1f}"
+    assert set(book["stages"]) >= {"data", "pretrain", "lincls", "convert_publish", "voc_object_knn", "voc_det"}
     assert "hub load-back ok (HF_HUB_OFFLINE=1)" in (out / "logs" / "convert_publish.log").read_text()
     for fmt in ("model.safetensors", "resnet_torchvision.pth", "moco_detectron2.pkl"):
         assert (out / "converted" / fmt).stat().st_size > 0
