@@ -19,7 +19,6 @@ Rerunning the same command skips finished stages (``<out>/stages.json``); interr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -28,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from moco_zoo.checkpoint import atomic_write_text
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from moco_zoo.data.voc import VOCDetection
-from pretrain.knn import knn_accuracy, recalibrate_bn
+from pretrain.knn import extract_features, knn_accuracy, recalibrate_bn
 from transfer.modeling.detector import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -58,53 +57,32 @@ def crop_batches(dataset: VOCDetection, crop_size: int, batch_size: int) -> Iter
         yield torch.stack(crops), torch.tensor(labels)
 
 
-class PooledTrunk(nn.Module):
-    """A torchvision ResNet without its classifier: NxCxHxW -> NxD (global average pool of layer4)."""
-
-    def __init__(self, resnet: nn.Module) -> None:
-        super().__init__()
-        self.body = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
-                                  resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))
-
-
-@torch.no_grad()
-def embed(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: torch.device
-          ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(NxD L2-normalised float32 features, N labels) of every batch, ``model`` in eval mode."""
-    model.eval()
-    feats, labels = [], []
-    for x, y in batches:
-        feats.append(F.normalize(model(x.to(device, non_blocking=True)).float(), dim=1).cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
 def object_knn(resnet: nn.Module, train: VOCDetection, test: VOCDetection, crop_size: int = 64, k: int = 20,
                t: float = 0.07, batch_size: int = 128, bn_batches: int = 200,
                device: Optional[torch.device] = None) -> Dict[str, float]:
     """kNN top-1/top-5 (%) of ``test``'s objects against ``train``'s, BN statistics from ``bn_batches`` batches of
     train crops (detectron2's PreciseBN default count)."""
     device = device or torch.device("cpu")
+    # torchvision ResNet children: stem, layer1-4, avgpool, fc -> everything up to the pooled features
+    trunk = nn.Sequential(*list(resnet.children())[:-1], nn.Flatten()).to(device)
     bn_data = (x for x, _ in itertools.islice(crop_batches(train, crop_size, batch_size), bn_batches))
-    trunk = recalibrate_bn(PooledTrunk(resnet).to(device), bn_data, device)
-    train_f, train_y = embed(trunk, crop_batches(train, crop_size, batch_size), device)
-    test_f, test_y = embed(trunk, crop_batches(test, crop_size, batch_size), device)
+    trunk = recalibrate_bn(trunk, bn_data, device)
+
+    def labelled(ds: VOCDetection):  # the (images, targets, index) batches extract_features reads
+        return ((x, y, None) for x, y in crop_batches(ds, crop_size, batch_size))
+
+    train_f, train_y = extract_features(trunk, labelled(train), device)
+    test_f, test_y = extract_features(trunk, labelled(test), device)
     result = knn_accuracy(train_f, train_y, test_f, test_y, len(train.class_names), k, t)
     result.update(train_objects=len(train_y), test_objects=len(test_y))
     return result
 
 
 def voc_object_sets(data_root: str, train_sets: Sequence[str], test_set: str) -> Tuple[VOCDetection, VOCDetection]:
-    """Train and test sets of a VOCdevkit (train sets whose folders are absent are skipped, as in the detection
-    recipe when VOC2012 is not there); an error naming the directory if a set has no non-difficult object."""
-    present = [s for s in train_sets if (Path(data_root) / f"VOC{s.split('-')[0]}").is_dir()]
-    if not present:
-        raise FileNotFoundError(f"{data_root}: none of the train sets {list(train_sets)} is present")
-    train = VOCDetection(data_root, [tuple(s.split("-")) for s in present])
-    test = VOCDetection(data_root, tuple(test_set.split("-")), class_names=train.class_names)
+    """Train and test sets of a VOCdevkit (``YEAR-split`` names); an error naming the directory if a set has no
+    non-difficult object (a missing file is named by :class:`VOCDetection`)."""
+    train = VOCDetection(data_root, list(train_sets))
+    test = VOCDetection(data_root, test_set, class_names=train.class_names)
     for ds in (train, test):
         if not any((~ds.get_annotation(i)["difficult"]).any() for i in range(len(ds))):
             raise ValueError(f"{data_root}: no non-difficult objects in image sets {ds.image_sets}")
@@ -125,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="backbone weights, as for voc_det.py: zoo name, hf-hub:ORG/REPO, checkpoint file, random")
     p.add_argument("--arch", help="ResNet architecture (default: the one the weights report, else resnet50)")
     p.add_argument("--train-sets", nargs="+", default=["2007-trainval", "2012-trainval"],
-                   help="kNN memory (absent years are skipped; default: %(default)s)")
+                   help="kNN memory (default: %(default)s)")
     p.add_argument("--test-set", default="2007-test", help="queries (default: %(default)s)")
     p.add_argument("--crop-size", type=int, default=64, help="square crop side in pixels (default: %(default)s)")
     p.add_argument("-k", type=int, default=20, help="neighbours (default: %(default)s)")
