@@ -105,6 +105,13 @@ def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: fl
                   "of the boxes, memory = the trainval objects; `transfer/voc_object_knn.py`). It measures whether "
                   "the representation transfers to the detection set's objects; VOC AP also depends on how fast the "
                   "new detection heads learn in the fine-tuning budget.", ""]
+    det_rows = (stages.get("voc_det") or {}).get("rows") or []
+    r = det_rows[0] if det_rows else {}
+    if r.get("detector"):
+        lines += [f"VOC detection: {r.get('arch')}-{str(r['detector']).upper()} Faster R-CNN, every layer "
+                  f"fine-tuned for {r.get('iters')} iterations (`transfer/voc_det.py --preset cpu`; the exact command "
+                  "is in `logs/voc_det.log`), tested on the VOC2007 test images; AP50 is the VOC07 11-point metric.",
+                  ""]
     pre = stages.get("pretrain", {})
     if pre:
         lines += [f"Pretraining: {profile.arch} at {profile.image_size} px, {profile.pretrain_epochs} epochs of batch "

@@ -64,6 +64,11 @@ def test_demo_fast_end_to_end(tmp_path):
     voc = {("random" if r["weights"] == "random" else "moco"): r["metrics"]
            for r in json.loads((out / "voc_det" / "comparison.json").read_text())}
     rows = _table_rows(report)
+    from moco_zoo.demo import select_profile
+
+    detector = select_profile("fast").det_detector  # the demo passes its detector through to transfer/voc_det.py
+    assert {r["detector"] for r in json.loads((out / "voc_det" / "comparison.json").read_text())} == {detector}
+    assert f"resnet18-{detector.upper()} Faster R-CNN" in report
     assert rows["MoCo v2"]["linear top-1"] == f"{lin_moco['top1']:.1f}"
     assert rows["random init"]["VOC AP50"] == f"{voc['random']['AP50']:.1f}"
     assert rows["MoCo v2"]["VOC AP"] == f"{voc['moco']['AP']:.1f}"
