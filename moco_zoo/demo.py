@@ -57,8 +57,9 @@ class Profile:
     lincls_lr: float = 1.0
     # VOC detection: R18-FPN, not the paper's C4. At 128-160 px the C4 trunk's single stride-16 map is 8-10 cells
     # wide and most objects cover 1-5 of them; FPN adds stride-4/8 levels. Measured at 150 iterations (MoCo vs
-    # random, AP50/AP/AP75), detection seeds 0/1: C4 2.3/0.7/0.2 vs 1.8/0.9/0.5 and 2.1/0.7/0.2 vs 3.5/1.2/0.1;
-    # FPN 5.7/2.1/0.8 vs 3.2/1.1/0.3 and 4.6/1.9/0.7 vs 2.3/0.9/0.3. FPN's lateral convs have no norm layer: at lr
+    # random, AP50/AP/AP75), detection seeds 0/1/2: C4 (30-epoch demo checkpoint) 2.3/0.7/0.2 vs 1.8/0.9/0.5,
+    # 2.1/0.7/0.2 vs 3.5/1.2/0.1, 2.3/0.6/0.2 vs 3.0/1.0/0.5; FPN (40-epoch checkpoint) 5.7/2.1/0.8 vs 3.2/1.1/0.3,
+    # 4.6/1.9/0.7 vs 2.3/0.9/0.3, 5.2/2.5/2.0 vs 3.3/1.3/0.7. FPN's lateral convs have no norm layer: at lr
     # 0.02 it diverged (NaN at iteration 37), so half the lr and clip the gradient norm, as for COCO below.
     det_detector: str = "fpn"
     det_lr: float = 0.01
