@@ -56,11 +56,10 @@ class Profile:
     lincls_epochs: int = 8
     lincls_lr: float = 1.0
     # VOC detection: R18-FPN, not the paper's C4. At 128-160 px the C4 trunk's single stride-16 map is 8-10 cells
-    # wide and most objects cover 1-5 of them; FPN adds stride-4/8 levels. Measured at 150 iterations (MoCo vs
-    # random, AP50/AP/AP75), detection seeds 0/1/2: C4 (30-epoch demo checkpoint) 2.3/0.7/0.2 vs 1.8/0.9/0.5,
-    # 2.1/0.7/0.2 vs 3.5/1.2/0.1, 2.3/0.6/0.2 vs 3.0/1.0/0.5; FPN (40-epoch checkpoint) 5.7/2.1/0.8 vs 3.2/1.1/0.3,
-    # 4.6/1.9/0.7 vs 2.3/0.9/0.3, 5.2/2.5/2.0 vs 3.3/1.3/0.7. FPN's lateral convs have no norm layer: at lr
-    # 0.02 it diverged (NaN at iteration 37), so half the lr and clip the gradient norm, as for COCO below.
+    # wide and most objects cover 1-5 of them; FPN adds stride-4/8 levels. At 150 iterations over detection seeds
+    # 0/1/2, MoCo led random init on AP50, AP and AP75 for every seed with FPN (means 3.8/1.5/1.0 vs 2.9/1.1/0.4) but
+    # not with C4 (README, demo section). FPN's lateral convs have no norm layer: at lr 0.02 it diverged (NaN at
+    # iteration 37), so half the lr and clip the gradient norm, as for COCO below.
     det_detector: str = "fpn"
     det_lr: float = 0.01
     det_clip_grad_norm: float = 5.0
@@ -118,6 +117,22 @@ def run_command(cmd: Sequence[str], log: Path, env: Optional[Dict[str, str]] = N
         code = proc.wait()
     if code != 0:
         raise RuntimeError(f"command failed with exit code {code} (log: {log}): {shlex.join(cmd)}")
+
+
+def _comparison_summary(rows: Sequence[Dict[str, Any]]) -> str:
+    """``AP50/AP/AP75 MoCo a/b/c vs random d/e/f`` (or box/mask AP, mIoU) from a transfer comparison.json."""
+    def fmt(m: Dict[str, Any]) -> str:
+        if "AP50" in m:
+            return "/".join(f"{m[k]:.1f}" for k in ("AP50", "AP", "AP75"))
+        if "bbox" in m:
+            return "/".join(f"{m[k]['AP']:.1f}" for k in ("bbox", "segm") if k in m)
+        return f"{m['mIoU']:.1f}" if "mIoU" in m else "?"
+
+    first = rows[0]["metrics"] if rows else {}
+    what = ("AP50/AP/AP75" if "AP50" in first else "box/mask AP" if "bbox" in first
+            else "mIoU" if "mIoU" in first else "metrics")
+    parts = [f"{'random' if r['weights'] == 'random' else 'MoCo'} {fmt(r['metrics'])}" for r in rows]
+    return f"{what} " + " vs ".join(parts)
 
 
 class StageBook:
@@ -221,7 +236,9 @@ class Demo:
         first_loss = next((r["loss"] for r in records if "loss" in r), None)
         last_loss = next((r["loss"] for r in reversed(records) if "loss" in r), None)
         knn_top1 = knn[-1]["knn_top1"] if knn else None
-        return {"summary": f"kNN top-1 {knn_top1}, loss {first_loss} -> {last_loss}", "checkpoint": str(ckpts[0][1]),
+        summary = (f"kNN top-1 {knn_top1:.1f}, " if knn_top1 is not None else "") + (
+            f"InfoNCE loss {first_loss:.3f} -> {last_loss:.3f}" if first_loss is not None else "no loss logged")
+        return {"summary": summary, "checkpoint": str(ckpts[0][1]),
                 "knn_top1": knn_top1, "loss_first": first_loss, "loss_last": last_loss,
                 "plots": [str(out / "loss.png"), str(out / "knn.png")], "out_dir": str(out)}
 
@@ -303,7 +320,7 @@ class Demo:
             "--preset", "cpu", "--arch", self.p.arch, "--iters", str(iters),
             "--max-test-images", str(self.p.max_test_images), "--out", str(out), "--resume", *extra))
         rows = json.loads((out / "comparison.json").read_text())
-        return {"summary": f"{stage}: comparison in {out / 'comparison.md'}", "rows": rows,
+        return {"summary": _comparison_summary(rows) + f" (table: {out / 'comparison.md'})", "rows": rows,
                 "table": str(out / "comparison.md"), "out_dir": str(out)}
 
     def object_knn(self, checkpoint: str) -> Dict[str, Any]:

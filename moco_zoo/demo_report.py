@@ -58,10 +58,15 @@ def _rel(path: str, base: Path) -> str:
         return path
 
 
-def _pngs(directory: Optional[str], limit: int = 6) -> List[Path]:
+def _pngs(directory: Optional[str], per_run: int = 4) -> List[Path]:
+    """The first ``per_run`` plots of each run folder of a transfer stage (loss curve first, then predictions), so
+    MoCo and random init are both shown."""
     if not directory or not Path(directory).is_dir():
         return []
-    return sorted(Path(directory).rglob("*.png"))[:limit]
+    out: List[Path] = []
+    for run in sorted(d for d in Path(directory).iterdir() if d.is_dir()):
+        out += sorted(run.rglob("*.png"), key=lambda p: (p.parent != run, str(p)))[:per_run]
+    return out
 
 
 def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: float) -> Path:
@@ -127,7 +132,7 @@ def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: fl
         s = stages.get(stage)
         if not s:
             continue
-        for png in _pngs(s.get("out_dir"), limit=8):
+        for png in _pngs(s.get("out_dir")):
             lines.append(f"![{stage} {png.parent.name} {png.stem}]({_rel(str(png), out)})")
     lines.append("")
 

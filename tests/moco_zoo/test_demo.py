@@ -85,3 +85,15 @@ def test_demo_fast_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already done") == len(book["stages"])
     assert len(COLUMNS) >= 8
+
+
+def test_comparison_summary_formats_each_transfer_metric():
+    from moco_zoo.demo import _comparison_summary
+
+    det = [{"weights": "/x/ckpt.pth", "metrics": {"AP50": 4.54, "AP": 1.55, "AP75": 0.46}},
+           {"weights": "random", "metrics": {"AP50": 3.2, "AP": 1.1, "AP75": 0.3}}]
+    assert _comparison_summary(det) == "AP50/AP/AP75 MoCo 4.5/1.6/0.5 vs random 3.2/1.1/0.3"
+    coco = [{"weights": "random", "metrics": {"bbox": {"AP": 0.25}, "segm": {"AP": 0.04}}}]
+    assert _comparison_summary(coco) == "box/mask AP random 0.2/0.0"
+    seg = [{"weights": "c.pth", "metrics": {"mIoU": 12.34}}]
+    assert _comparison_summary(seg) == "mIoU MoCo 12.3"
