@@ -58,9 +58,10 @@ class Profile:
     # VOC detection: R18-FPN, not the paper's C4. At 128-160 px the C4 trunk's single stride-16 map is 8-10 cells
     # wide and most objects cover 1-5 of them; FPN adds stride-4/8 levels. At 150 iterations over detection seeds
     # 0/1/2, MoCo led random init on AP50, AP and AP75 for every seed with FPN (means 3.8/1.5/1.0 vs 2.9/1.1/0.4) but
-    # not with C4 (README, demo section). FPN's lateral convs have no norm layer: at lr 0.02 it diverged (NaN at
-    # iteration 37), so half the lr and clip the gradient norm, as for COCO below.
+    # not with C4 (README, demo section).
     det_detector: str = "fpn"
+    # lr and gradient clipping of VOC and COCO detection: FPN's lateral convs have no norm layer and both diverged at
+    # the cpu preset's lr 0.02 (see Demo.run_all)
     det_lr: float = 0.01
     det_clip_grad_norm: float = 5.0
     det_iters: int = 150
@@ -342,16 +343,16 @@ class Demo:
         self.stage("lincls", lambda: self.lincls(ckpt))
         self.stage("convert_publish", lambda: self.convert_publish(ckpt))
         self.stage("voc_object_knn", lambda: self.object_knn(ckpt))
+        # half the cpu preset's lr and gradient-norm clipping for both FPN detectors: Mask R-CNN from the
+        # short-pretrained MoCo backbone diverged to NaN at lr 0.02 (fp32) and at 0.01 without clipping (bf16,
+        # iteration 51); VOC FPN at lr 0.02 at iteration 37
+        solver = ("--lr", str(self.p.det_lr), "--set", f"clip_grad_norm={self.p.det_clip_grad_norm}")
         self.stage("voc_det", lambda: self.transfer(
             "voc_det.py", "voc_det", self.voc_devkit, self.p.det_iters, ckpt,
-            extra=("--detector", self.p.det_detector, "--lr", str(self.p.det_lr),
-                   "--set", f"clip_grad_norm={self.p.det_clip_grad_norm}")))
+            extra=("--detector", self.p.det_detector, *solver)))
         if self.p.run_coco:
-            # half the cpu preset's lr and gradient-norm clipping: Mask R-CNN from the short-pretrained MoCo
-            # backbone diverged to NaN at lr 0.02 (fp32) and at 0.01 without clipping (bf16, iteration 51)
             self.stage("coco_det", lambda: self.transfer(
-                "coco_det.py", "coco_det", self.coco_root, self.p.coco_iters, ckpt,
-                extra=("--lr", "0.01", "--set", "clip_grad_norm=5.0")))
+                "coco_det.py", "coco_det", self.coco_root, self.p.coco_iters, ckpt, extra=solver))
         if self.p.run_seg:
             self.stage("voc_seg", lambda: self.transfer("voc_seg.py", "voc_seg", self.voc_devkit,
                                                         self.p.seg_iters, ckpt))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from moco_zoo.demo import _comparison_summary, select_profile
 from moco_zoo.demo_report import COLUMNS, results_table
 
 
@@ -41,8 +42,6 @@ def test_results_table_reads_stage_outputs():
 
 
 def test_optional_stages_follow_the_profile_unless_overridden():
-    from moco_zoo.demo import select_profile
-
     assert not select_profile("full").run_coco and not select_profile("full").run_seg
     assert select_profile("fast").run_coco and select_profile("fast").run_seg
     both = select_profile("full", coco=True, seg=True)
@@ -61,13 +60,11 @@ def test_demo_fast_end_to_end(tmp_path):
     book = json.loads((out / "stages.json").read_text())
     # every number in the report equals the one in the files the stages wrote
     lin_moco = json.loads((out / "lincls" / "moco" / "metrics.json").read_text())
-    voc = {("random" if r["weights"] == "random" else "moco"): r["metrics"]
-           for r in json.loads((out / "voc_det" / "comparison.json").read_text())}
+    voc_rows = json.loads((out / "voc_det" / "comparison.json").read_text())
+    voc = {("random" if r["weights"] == "random" else "moco"): r["metrics"] for r in voc_rows}
     rows = _table_rows(report)
-    from moco_zoo.demo import select_profile
-
     detector = select_profile("fast").det_detector  # the demo passes its detector through to transfer/voc_det.py
-    assert {r["detector"] for r in json.loads((out / "voc_det" / "comparison.json").read_text())} == {detector}
+    assert {r["detector"] for r in voc_rows} == {detector}
     assert f"resnet18-{detector.upper()} Faster R-CNN" in report
     assert rows["MoCo v2"]["linear top-1"] == f"{lin_moco['top1']:.1f}"
     assert rows["random init"]["VOC AP50"] == f"{voc['random']['AP50']:.1f}"
@@ -88,8 +85,6 @@ def test_demo_fast_end_to_end(tmp_path):
 
 
 def test_comparison_summary_formats_each_transfer_metric():
-    from moco_zoo.demo import _comparison_summary
-
     det = [{"weights": "/x/ckpt.pth", "metrics": {"AP50": 4.54, "AP": 1.55, "AP75": 0.46}},
            {"weights": "random", "metrics": {"AP50": 3.2, "AP": 1.1, "AP75": 0.3}}]
     assert _comparison_summary(det) == "AP50/AP/AP75 MoCo 4.5/1.6/0.5 vs random 3.2/1.1/0.3"
