@@ -9,7 +9,7 @@ Measured in one process on one core (torch threads = 1, as inside a DataLoader w
 small set of in-memory JPEG files:
 
 * ``decode``: JPEG bytes -> RGB image (PIL ``Image.open().convert("RGB")`` and ``torchvision.io.decode_jpeg``).
-* ``pil``: our engine's recipe (``pretrain.augment.pretrain_transform``), i.e. PIL ops + ToTensor + Normalize.
+* ``pil``: our engine's recipe (``moco_zoo.pretrain.augment.pretrain_transform``), i.e. PIL ops + ToTensor + Normalize.
 * ``tensor-v2``: the same recipe with ``torchvision.transforms.v2`` on a uint8 CHW tensor (crop first, colour ops on
   the small uint8 crop, float conversion + normalisation last). A candidate implementation defined here, with the
   same distributions (crop scale, jitter strengths, p's, blur sigma range) as the paper's recipe.
@@ -72,7 +72,7 @@ def decode_tensor(data: bytes) -> torch.Tensor:
 def ours_pil(recipe: str, size: int):
     """Our engine's transform (PIL), or None when pretrain/augment.py does not provide it yet."""
     try:
-        from pretrain.augment import pretrain_transform
+        from moco_zoo.pretrain.augment import pretrain_transform
     except ImportError:
         return None
     return pretrain_transform(recipe, size)
@@ -195,9 +195,9 @@ def main(argv=None) -> int:
             paths = []
             t = ours_pil(recipe, crop)
             if t is not None:
-                paths.append(("ours: PIL (pretrain.augment)", decode_pil, t))
+                paths.append(("ours: PIL (moco_zoo.pretrain.augment)", decode_pil, t))
             else:
-                print(f"note: pretrain.augment.pretrain_transform not importable; skipping 'ours' for {recipe}")
+                print(f"note: moco_zoo.pretrain.augment.pretrain_transform not importable; skipping 'ours' for {recipe}")
             if args.reference:
                 paths.append(("reference: PIL (moco@4397a04 list)", decode_pil,
                               reference_pil(recipe, crop, args.reference)))

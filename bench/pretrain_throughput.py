@@ -162,12 +162,12 @@ def ensure_imagefolder(data_dir: Path, num_images: int, image_size: int) -> Path
 
 # ------------------------------------------------------------------------------------------------ our engine
 def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Our engine (pretrain/), driven through its public API: ``pretrain.engine.Trainer`` built from a
-    ``pretrain.config.make_config`` config, its DataLoader (``trainer.loader``) and ``trainer.train_step``."""
+    """Our engine (pretrain/), driven through its public API: ``moco_zoo.pretrain.engine.Trainer`` built from a
+    ``moco_zoo.pretrain.config.make_config`` config, its DataLoader (``trainer.loader``) and ``trainer.train_step``."""
     import torch
 
-    from pretrain.config import make_config
-    from pretrain.engine import Trainer
+    from moco_zoo.pretrain.config import make_config
+    from moco_zoo.pretrain.engine import Trainer
 
     v = VARIANTS[spec["variant"]]
     with tempfile.TemporaryDirectory() as out:
@@ -339,8 +339,8 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch.nn as nn
     import torchvision.models as models
 
-    from pretrain.config import make_config
-    from pretrain.engine import Trainer
+    from moco_zoo.pretrain.config import make_config
+    from moco_zoo.pretrain.engine import Trainer
 
     g = torch.Generator().manual_seed(0)
     b, s = spec["batch_size"], spec["image_size"]

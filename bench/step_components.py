@@ -61,7 +61,7 @@ def encoder_section(args) -> List[Dict[str, Any]]:
     they see the same machine load; best and median over rounds, CPU time of the process for the median call."""
     import statistics
 
-    from pretrain.shuffle_bn import SplitBatchNorm2d, split_block_order
+    from moco_zoo.pretrain.shuffle_bn import SplitBatchNorm2d, split_block_order
 
     rows = []
     cases = [("resnet50", 224, args.r50_batch), ("resnet18", 64, args.r18_batch)]
@@ -243,8 +243,8 @@ def loader_section(args) -> List[Dict[str, Any]]:
     """Time to the first batch of a fresh DataLoader iterator (what every epoch pays without persistent workers)."""
     from pathlib import Path
 
-    from pretrain.augment import TwoCropsTransform, pretrain_transform
-    from pretrain.data import ImageFolderDataset, ResumableBatchSampler, make_loader
+    from moco_zoo.pretrain.augment import TwoCropsTransform, pretrain_transform
+    from moco_zoo.pretrain.data import ImageFolderDataset, ResumableBatchSampler, make_loader
 
     from pretrain_throughput import ensure_imagefolder
 

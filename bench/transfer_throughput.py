@@ -5,7 +5,7 @@
     python bench/transfer_throughput.py --quick               # smoke run (ResNet-18, 2 timed iterations)
     python bench/transfer_throughput.py --detectors c4 --precisions fp32 --iters 10
 
-Runs the real training loop of ``transfer.engine.trainer.DetectionRun`` (data loading, Faster R-CNN forward with
+Runs the real training loop of ``moco_zoo.transfer.engine.trainer.DetectionRun`` (data loading, Faster R-CNN forward with
 losses, backward, SGD step, scheduler) on a synthetic VOC devkit (``moco_zoo.data.ensure_dataset("voc")``), with
 randomly initialised backbones (the speed does not depend on the weights). ``--warmup`` iterations run first
 (allocator, oneDNN primitive caches), then ``--iters`` timed ones; each (detector, precision) runs in its own
@@ -30,8 +30,8 @@ def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     import torch
 
-    from transfer.engine import config as cfglib
-    from transfer.engine.trainer import DetectionRun
+    from moco_zoo.transfer.engine import config as cfglib
+    from moco_zoo.transfer.engine.trainer import DetectionRun
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if args._worker:
         return worker_main(args._worker)
     try:
-        import transfer.engine.trainer  # noqa: F401
+        import moco_zoo.transfer.engine.trainer  # noqa: F401
     except ImportError as e:
         print(f"transfer engine not importable ({e}); nothing to measure")
         return 1

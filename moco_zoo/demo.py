@@ -227,7 +227,7 @@ class Demo:
             "--augment", "batched", "--workers", "0",
             "--knn-every", str(p.knn_every), "--output-dir", str(out), "--resume", "auto", "--seed", "0",
             *_fast_cpu_flags()))
-        from pretrain.engine import list_checkpoints
+        from moco_zoo.pretrain.engine import list_checkpoints
 
         ckpts = list_checkpoints(out / "checkpoints")
         if not ckpts:

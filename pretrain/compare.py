@@ -18,18 +18,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from moco_zoo.checkpoint import atomic_write_text  # noqa: E402
-from moco_zoo.device import autocast_dtype, default_device  # noqa: E402
-from pretrain.config import make_config  # noqa: E402
-from pretrain.data import resolve_data_root  # noqa: E402
-from pretrain.engine import list_checkpoints, train  # noqa: E402
-from pretrain.knn import KNNMonitor  # noqa: E402
-from pretrain.lincls import LinclsConfig, run_linear_probe  # noqa: E402
+from moco_zoo.checkpoint import atomic_write_text
+from moco_zoo.device import autocast_dtype, default_device
+from moco_zoo.pretrain.config import make_config
+from moco_zoo.pretrain.data import resolve_data_root
+from moco_zoo.pretrain.engine import list_checkpoints, train
+from moco_zoo.pretrain.knn import KNNMonitor
+from moco_zoo.pretrain.lincls import LinclsConfig, run_linear_probe
 
 
 def knn_of_random(root: Path, arch: str, image_size: int, seed: int) -> Dict[str, Dict[str, float]]:

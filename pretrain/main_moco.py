@@ -11,13 +11,9 @@ Synthetic data:   python pretrain/main_moco.py --data synthetic --arch resnet18 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pretrain.config import build_parser, config_from_args  # noqa: E402
+from moco_zoo.pretrain.config import build_parser, config_from_args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,7 +23,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    from pretrain.engine import train
+    from moco_zoo.pretrain.engine import train
 
     try:
         summary = train(cfg)

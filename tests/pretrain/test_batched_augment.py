@@ -1,5 +1,5 @@
 """--augment batched: loader geometry + batched colour ops, checked against torchvision's per-image functional ops
-and against the PIL pipeline of pretrain.augment drawn with the same sample seeds."""
+and against the PIL pipeline of moco_zoo.pretrain.augment drawn with the same sample seeds."""
 from __future__ import annotations
 
 import random
@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from pretrain import batched_augment as BA
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
+from moco_zoo.pretrain import batched_augment as BA
+from moco_zoo.pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 
 
 def _images(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
@@ -168,8 +168,8 @@ def test_channels_last_output_and_query_key_split():
 def test_engine_with_batched_augment(tiny_imagefolder, tmp_path):
     """A worker process collates (uint8 views, parameters) deterministically per sample seed; the engine turns them
     into normalised channels_last views and trains."""
-    from pretrain.config import make_config
-    from pretrain.engine import Trainer
+    from moco_zoo.pretrain.config import make_config
+    from moco_zoo.pretrain.engine import Trainer
 
     cfg = make_config(data=str(tiny_imagefolder), arch="resnet18", image_size=32, batch_size=8, num_negatives=16,
                       epochs=1, max_steps=2, workers=1, augment="batched", precision="bf16", channels_last=True,
@@ -192,7 +192,7 @@ def test_engine_with_batched_augment(tiny_imagefolder, tmp_path):
 
 
 def test_augment_flag_is_validated():
-    from pretrain.config import make_config
+    from moco_zoo.pretrain.config import make_config
 
     with pytest.raises(ValueError, match="--augment must be pil or batched"):
         make_config(augment="gpu")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.builder import MoCo, infonce_logits
-from pretrain.heads import UnknownArchError, build_encoder
+from moco_zoo.pretrain.builder import MoCo, infonce_logits
+from moco_zoo.pretrain.heads import UnknownArchError, build_encoder
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.augment import TwoCropsTransform, moco_v1_transform, moco_v2_transform
-from pretrain.data import (CorruptImageError, DataError, ImageFolderDataset, ResumableBatchSampler, load_rgb,
+from moco_zoo.pretrain.augment import TwoCropsTransform, moco_v1_transform, moco_v2_transform
+from moco_zoo.pretrain.data import (CorruptImageError, DataError, ImageFolderDataset, ResumableBatchSampler, load_rgb,
                            scan_imagefolder)
 
 

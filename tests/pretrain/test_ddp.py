@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moco_zoo.checkpoint import safe_torch_load
-from pretrain.engine import list_checkpoints
+from moco_zoo.pretrain.engine import list_checkpoints
 
 from .conftest import REPO, tiny_args
 

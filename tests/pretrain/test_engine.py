@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from moco_zoo.checkpoint import CheckpointError, safe_torch_load
-from pretrain.config import build_parser, config_from_args, make_config
-from pretrain.engine import find_resume_checkpoint, list_checkpoints, lr_factor, momentum_at, scaled_lr
+from moco_zoo.pretrain.config import build_parser, config_from_args, make_config
+from moco_zoo.pretrain.engine import find_resume_checkpoint, list_checkpoints, lr_factor, momentum_at, scaled_lr
 
 from .conftest import REPO, run_script, tiny_args
 
@@ -44,7 +44,7 @@ def reference_run(tiny_imagefolder, tmp_path_factory, killed_run):
     """An uninterrupted 2-epoch run (12 steps), in this process (same code path, one thread, 2 workers)."""
     import torch as _torch
 
-    from pretrain.engine import train
+    from moco_zoo.pretrain.engine import train
 
     out = tmp_path_factory.mktemp("ref") / "run"
     threads = _torch.get_num_threads()
@@ -151,7 +151,9 @@ def test_presets_and_overrides():
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_imagefolder, capsys):
-    from pretrain.main_moco import main
+    import runpy
+
+    main = runpy.run_path(str(REPO / "pretrain" / "main_moco.py"))["main"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -166,7 +168,7 @@ def test_cli_errors_are_clear(tmp_path, tiny_imagefolder, capsys):
 
 def test_in_process_training_of_each_mechanism(tiny_imagefolder, tmp_path, monkeypatch):
     """end2end with bf16 autocast + channels_last; memory_bank on ``--data synthetic`` (generated into the cache)."""
-    from pretrain.engine import train
+    from moco_zoo.pretrain.engine import train
 
     monkeypatch.setenv("MOCO_ZOO_DATA", str(tmp_path / "cache"))
     for mech, data, extra in (("end2end", str(tiny_imagefolder), {"precision": "bf16", "channels_last": True}),

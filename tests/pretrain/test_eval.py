@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from moco_zoo.checkpoint import CheckpointError, safe_torch_load
-from pretrain.knn import knn_accuracy, knn_predict, recalibrate_bn
-from pretrain.lincls import LinclsConfig, run_linear_probe, scaled_milestones
+from moco_zoo.pretrain.knn import knn_accuracy, knn_predict, recalibrate_bn
+from moco_zoo.pretrain.lincls import LinclsConfig, run_linear_probe, scaled_milestones
 
 
 def test_weighted_knn_vote_by_hand():

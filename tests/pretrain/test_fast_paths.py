@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.builder import MoCo
-from pretrain.config import make_config
-from pretrain.engine import fused_sgd_supported, make_sgd
-from pretrain.shuffle_bn import SplitBatchNorm2d, split_block_order
+from moco_zoo.pretrain.builder import MoCo
+from moco_zoo.pretrain.config import make_config
+from moco_zoo.pretrain.engine import fused_sgd_supported, make_sgd
+from moco_zoo.pretrain.shuffle_bn import SplitBatchNorm2d, split_block_order
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.builder import MoCo
-from pretrain.shuffle_bn import (SplitBatchNorm2d, batch_shuffle_ddp, batch_shuffle_single, batch_unshuffle_ddp,
+from moco_zoo.pretrain.builder import MoCo
+from moco_zoo.pretrain.shuffle_bn import (SplitBatchNorm2d, batch_shuffle_ddp, batch_shuffle_single, batch_unshuffle_ddp,
                                  batch_unshuffle_single, resolve_shuffle_mode)
 
 

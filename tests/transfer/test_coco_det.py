@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from transfer.engine.cli import main
-from transfer.evaluation.coco import COCO_STAT_NAMES
+from moco_zoo.transfer.engine.cli import main
+from moco_zoo.transfer.evaluation.coco import COCO_STAT_NAMES
 
 TINY = ["--preset", "cpu", "--arch", "resnet18", "--batch-size", "2", "--max-test-images", "3", "--iters", "2",
         "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "box_detections_per_img=10", "--set", "log_period=1",

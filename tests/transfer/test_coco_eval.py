@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from transfer.evaluation.coco import COCO_STAT_NAMES, CocoEvaluator, encode_masks
-from transfer.evaluation.voc import VOCEvaluator
+from moco_zoo.transfer.evaluation.coco import COCO_STAT_NAMES, CocoEvaluator, encode_masks
+from moco_zoo.transfer.evaluation.voc import VOCEvaluator
 
 H, W = 40, 60
 

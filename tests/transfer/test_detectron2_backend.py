@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from transfer.detectron2_backend import (INSTALL_HINT, detectron2_available, detectron2_config_values,
+from moco_zoo.transfer.detectron2_backend import (INSTALL_HINT, detectron2_available, detectron2_config_values,
                                          detectron2_history)
-from transfer.engine import resolve
-from transfer.engine.cli import main
+from moco_zoo.transfer.engine import resolve
+from moco_zoo.transfer.engine.cli import main
 
 
 def _values(**kw):

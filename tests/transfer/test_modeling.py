@@ -7,9 +7,9 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from transfer.modeling import (DistributedBatchNorm2d, backbone_trunk_state, build_detector, check_backbone_keys,
+from moco_zoo.transfer.modeling import (DistributedBatchNorm2d, backbone_trunk_state, build_detector, check_backbone_keys,
                                convert_sync_batchnorm)
-from transfer.modeling.detector import C4RoIAlign, PooledHead, Res5Head
+from moco_zoo.transfer.modeling.detector import C4RoIAlign, PooledHead, Res5Head
 
 SMALL = dict(min_size=(96,), max_size=128, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=200,
              rpn_post_nms_top_n_train=64, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=32,

@@ -1,4 +1,4 @@
-"""transfer.evaluation.object_knn / transfer/voc_object_knn.py: crops are the annotated boxes' pixels, the kNN probe
+"""moco_zoo.transfer.evaluation.object_knn / transfer/voc_object_knn.py: crops are the annotated boxes' pixels, the kNN probe
 finds every object when the memory holds the same objects, and the CLI writes its table or names the bad input."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torchvision
 from PIL import Image
 
 from moco_zoo.data.voc import VOCDetection
-from transfer.evaluation.object_knn import crop_batches, main, object_crops, object_knn
-from transfer.modeling.detector import IMAGENET_MEAN, IMAGENET_STD
+from moco_zoo.transfer.evaluation.object_knn import crop_batches, main, object_crops, object_knn
+from moco_zoo.transfer.modeling.detector import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _objects_from_xml(devkit, year="2007", split="test"):

@@ -17,8 +17,8 @@ DRIVER = textwrap.dedent('''
     import os, sys
     from pathlib import Path
     import torch
-    from transfer.engine.trainer import DetectionRun
-    from transfer.modeling import DistributedBatchNorm2d
+    from moco_zoo.transfer.engine.trainer import DetectionRun
+    from moco_zoo.transfer.modeling import DistributedBatchNorm2d
 
     _orig = DetectionRun.write_outputs
 
@@ -31,7 +31,7 @@ DRIVER = textwrap.dedent('''
         return result
 
     DetectionRun.write_outputs = _write_outputs
-    from transfer.engine.cli import main
+    from moco_zoo.transfer.engine.cli import main
     sys.exit(main("voc_det", sys.argv[1:]))
 ''')
 

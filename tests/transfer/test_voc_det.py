@@ -12,8 +12,8 @@ import torch
 import torchvision
 
 from moco_zoo.checkpoint import safe_torch_load
-from transfer.engine import CHECKPOINT_NAME, DetectionRun, lr_factor, resolve
-from transfer.engine.cli import main, run_dirs
+from moco_zoo.transfer.engine import CHECKPOINT_NAME, DetectionRun, lr_factor, resolve
+from moco_zoo.transfer.engine.cli import main, run_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 # a tiny, fast version of the cpu preset
@@ -111,7 +111,7 @@ def test_presets_and_overrides():
     assert resolve("coco_det", "paper-2x")["iters"] == 180000
     cfg = resolve("voc_det", "paper", overrides={"iters": 10}, sets={"steps": [5, 8], "lr": 1})
     assert cfg["iters"] == 10 and cfg["steps"] == [5, 8] and cfg["lr"] == 1.0
-    from transfer.engine.config import effective_batch
+    from moco_zoo.transfer.engine.config import effective_batch
 
     assert effective_batch(resolve("voc_det", "paper", overrides={"batch_size": 8}), 2) == (8, 4, 0.01)
     assert resolve("voc_det", "paper", overrides={"iters": 12000})["steps"] == [9000, 11000]  # steps scale along
@@ -156,7 +156,7 @@ def test_script_runs_from_the_repo_root():
 
 
 def test_yaml_config_file_between_preset_and_flags(tmp_path):
-    from transfer.engine import ConfigError
+    from moco_zoo.transfer.engine import ConfigError
 
     f = tmp_path / "my.yaml"
     f.write_text("iters: 77\nlr: 0.05\nsteps: [50, 60]\n")

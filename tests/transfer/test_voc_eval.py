@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from transfer.evaluation.voc import VOCEvaluator, box_iou_numpy, evaluate_voc, voc_ap
+from moco_zoo.transfer.evaluation.voc import VOCEvaluator, box_iou_numpy, evaluate_voc, voc_ap
 
 
 def gt(boxes, labels, difficult=None):

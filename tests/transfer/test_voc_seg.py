@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from transfer.segmentation.data import InfiniteShardedSampler, SegTrainTransform
-from transfer.segmentation.metrics import SegmentationMeter, confusion_matrix, segmentation_scores
-from transfer.segmentation.model import FCNSegmenter, build_segmenter, load_resnet
+from moco_zoo.transfer.segmentation.data import InfiniteShardedSampler, SegTrainTransform
+from moco_zoo.transfer.segmentation.metrics import SegmentationMeter, confusion_matrix, segmentation_scores
+from moco_zoo.transfer.segmentation.model import FCNSegmenter, build_segmenter, load_resnet
 
 
 def test_miou_hand_computed():
@@ -49,7 +49,7 @@ def test_miou_absent_class_is_left_out_and_meter_accumulates():
 
 @pytest.mark.parametrize("arch", ["resnet18"])
 def test_dilated_backbone_output_stride_and_shapes(arch):
-    from transfer.segmentation.model import make_resnet
+    from moco_zoo.transfer.segmentation.model import make_resnet
 
     for os_, expect in ((32, 2), (16, 4), (8, 8)):
         model = FCNSegmenter(make_resnet(arch), 5, output_stride=os_, head_channels=16, head_convs=1).eval()
@@ -111,7 +111,7 @@ def _tiny_args(data_root, out, weights, *extra):
 def test_cli_end_to_end_compare_resume_eval_only(synthetic_voc, tmp_path):
     import torchvision
 
-    from transfer.segmentation.cli import main
+    from moco_zoo.transfer.segmentation.cli import main
 
     wfile = tmp_path / "weights" / "tv_r18.pth"
     wfile.parent.mkdir()
@@ -148,7 +148,7 @@ def test_cli_end_to_end_compare_resume_eval_only(synthetic_voc, tmp_path):
 
 
 def test_cli_errors(synthetic_voc, tmp_path, capsys):
-    from transfer.segmentation.cli import main
+    from moco_zoo.transfer.segmentation.cli import main
 
     assert main(_tiny_args(synthetic_voc, tmp_path, ["random"], "--set", "nonsense=1")) == 2
     assert "unknown config key 'nonsense'" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """MoCo augmentation split in two halves, for speed: geometry per image in the loader, photometry batched.
 
-The PIL pipeline of :mod:`pretrain.augment` spends most of its time on colour jitter and blur, one image at a time,
+The PIL pipeline of :mod:`moco_zoo.pretrain.augment` spends most of its time on colour jitter and blur, one image at a time,
 in DataLoader workers that compete with the training step for the same CPU cores. Here the loader only decodes,
 crops, resizes and flips (on uint8 tensors) and draws the photometric parameters; the colour jitter, grayscale and
 Gaussian blur then run on the whole batch at once on the training device (``--augment batched``).

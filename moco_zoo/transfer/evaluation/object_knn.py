@@ -4,7 +4,7 @@ Fine-tuned detection AP mixes two things: how good the backbone's features are f
 detection heads learn on top of them in a given schedule. This probe isolates the first: every non-difficult
 ground-truth box is cropped and resized to a square, the frozen backbone embeds it (global average pool of the last
 stage, L2-normalised), and each test object is classified by weighted kNN over the train objects (the monitor of
-Wu et al., CVPR 2018, as used by :mod:`pretrain.knn`). Before embedding, BatchNorm statistics are re-estimated on the
+Wu et al., CVPR 2018, as used by :mod:`moco_zoo.pretrain.knn`). Before embedding, BatchNorm statistics are re-estimated on the
 train crops for every backbone ("precise BN"), so a random init normalises like a trained network does.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
 
 from moco_zoo.data.voc import VOCDetection
-from pretrain.knn import extract_features, knn_accuracy, recalibrate_bn
-from transfer.modeling.detector import IMAGENET_MEAN, IMAGENET_STD
+from moco_zoo.pretrain.knn import extract_features, knn_accuracy, recalibrate_bn
+from moco_zoo.transfer.modeling.detector import IMAGENET_MEAN, IMAGENET_STD
 
 
 def object_crops(dataset: VOCDetection, crop_size: int = 64) -> Iterator[Tuple[torch.Tensor, int]]:
@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import json
 
     from moco_zoo.checkpoint import CheckpointError, atomic_write_text
-    from transfer.modeling.backbone import build_resnet
+    from moco_zoo.transfer.modeling.backbone import build_resnet
 
     p = argparse.ArgumentParser(prog="voc_object_knn.py", description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True, help="VOCdevkit directory (containing VOC2007/, VOC2012/)")

@@ -1,7 +1,7 @@
 """The torchvision detection engine: build, train (warmup + step lr, multi-scale, DDP + SyncBN, atomic checkpoints,
 ``--resume``), precise BN, test, and write the run's outputs.
 
-One :class:`DetectionRun` is one (config, weights) pair; :func:`transfer.engine.cli.main` runs several for a
+One :class:`DetectionRun` is one (config, weights) pair; :func:`moco_zoo.transfer.engine.cli.main` runs several for a
 comparison table. Under ``torchrun`` every rank executes the same code; rank 0 writes files.
 """
 from __future__ import annotations

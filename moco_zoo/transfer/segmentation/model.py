@@ -178,7 +178,7 @@ class FCNSegmenter(nn.Module):
 
 def convert_norm(model: nn.Module, norm: str, device: Optional[torch.device] = None) -> nn.Module:
     """``bn`` (unchanged), ``syncbn`` (statistics shared by all ranks under DDP: SyncBatchNorm on CUDA, a gloo-capable
-    equivalent on CPU, see :mod:`transfer.modeling.norm`; plain BN in one process) or ``frozen`` (backbone BN
+    equivalent on CPU, see :mod:`moco_zoo.transfer.modeling.norm`; plain BN in one process) or ``frozen`` (backbone BN
     frozen to the loaded statistics, head BN trained)."""
     if norm == "bn":
         return model
@@ -186,7 +186,7 @@ def convert_norm(model: nn.Module, norm: str, device: Optional[torch.device] = N
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from transfer.modeling.norm import convert_sync_batchnorm
+            from moco_zoo.transfer.modeling.norm import convert_sync_batchnorm
 
             return convert_sync_batchnorm(model, device or torch.device("cpu"))
         return model

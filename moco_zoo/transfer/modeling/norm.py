@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from moco_zoo.precise_bn import batchnorm_modules  # noqa: F401  (re-exported by transfer.modeling)
+from moco_zoo.precise_bn import batchnorm_modules  # noqa: F401  (re-exported by moco_zoo.transfer.modeling)
 
 NORMS = ("bn", "syncbn", "frozen")
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from transfer.engine import report as _detection_report
+from moco_zoo.transfer.engine import report as _detection_report
 from moco_zoo.checkpoint import atomic_write_bytes, atomic_write_text
 from moco_zoo.data.voc import voc_palette
 

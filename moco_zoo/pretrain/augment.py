@@ -4,7 +4,7 @@ v1: RandomResizedCrop(scale 0.2-1), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 
 v2: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale(0.2),
     Gaussian blur with sigma ~ U[0.1, 2.0] with p=0.5, horizontal flip.
 Both end with ToTensor and ImageNet mean/std normalisation. Randomness comes from the ``torch`` and ``random``
-global generators, which the data set seeds per sample (see :mod:`pretrain.data`) for exact resumption.
+global generators, which the data set seeds per sample (see :mod:`moco_zoo.pretrain.data`) for exact resumption.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Exact resumption: a checkpoint holds the MoCo module (both encoders, queue / memory bank), optimizer, scheduler,
 epoch, step in epoch, global step, the RNG states of every rank (torch, CUDA, numpy, python) and the full config.
-Batches are reproducible from (seed, epoch, step) alone (see :mod:`pretrain.data`), so a run killed at any step and
+Batches are reproducible from (seed, epoch, step) alone (see :mod:`moco_zoo.pretrain.data`), so a run killed at any step and
 resumed with ``--resume auto`` ends with the same weights, bit for bit on CPU, as an uninterrupted run.
 
 Test hooks: ``MOCO_ZOO_KILL_AFTER_STEP=S`` makes the process SIGKILL itself right after global step ``S``;

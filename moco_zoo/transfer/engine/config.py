@@ -6,7 +6,7 @@ giving ``steps`` scales the preset's lr steps by the same factor (e.g. ``--iters
 gives steps 9000/11000). Unknown keys and values of the
 wrong type are errors naming the key. The resolved config is saved with every run (``config.json``).
 
-The paper values follow the MoCo detectron2 configs (see the module docs of :mod:`transfer.modeling.detector`):
+The paper values follow the MoCo detectron2 configs (see the module docs of :mod:`moco_zoo.transfer.modeling.detector`):
 VOC07+12: 24k iterations, batch 16, lr 0.02, steps 18k/22k, warmup 100, train short side 480..800 step 32, test 800.
 COCO: 1x = 90k iterations (steps 60k/80k), 2x = 180k (120k/160k), train short side 640..800, test 800.
 ``paper-8img`` halves the batch, doubles every iteration count and halves the lr (the paper's fewer-GPU recipe).

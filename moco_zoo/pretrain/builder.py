@@ -68,7 +68,7 @@ class MoCo(nn.Module):
         T: softmax temperature (0.07 v1, 0.2 v2).
         mlp: v2 MLP head instead of the v1 linear head.
         mechanism: "moco" | "end2end" | "memory_bank".
-        shuffle_bn: "ddp" | "split" | "off" (resolved; see :mod:`pretrain.shuffle_bn`).
+        shuffle_bn: "ddp" | "split" | "off" (resolved; see :mod:`moco_zoo.pretrain.shuffle_bn`).
         shuffle_groups: G of the split emulation.
         bank_size: number of training samples (memory_bank).
         bank_momentum: momentum of the stored features (memory_bank, 0.5).

@@ -95,8 +95,8 @@ _CHOICES = {"norm": ("bn", "syncbn", "frozen"), "precision": ("auto", "fp32", "b
 
 
 # One error type and one --set / YAML parser for every transfer script (the detection engine's).
-from transfer.engine.config import ConfigError, parse_set  # noqa: E402
-from transfer.engine.config import load_yaml as _load_yaml  # noqa: E402
+from moco_zoo.transfer.engine.config import ConfigError, parse_set  # noqa: E402
+from moco_zoo.transfer.engine.config import load_yaml as _load_yaml  # noqa: E402
 
 
 def preset_names():

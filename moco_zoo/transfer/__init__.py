@@ -1,0 +1,1 @@
+"""Transfer to detection, instance and semantic segmentation: models, datasets, engine, evaluators."""
