@@ -14,6 +14,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["moco_zoo", "moco_zoo.*"]),
+    package_data={"moco_zoo.transfer": ["configs/*/*.yaml"]},
     # hub_configs/ is the zoo's source of truth; ship it inside the package for non-editable installs.
     data_files=[("share/moco-zoo/hub_configs", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "hub_configs").glob("*.yaml"))])],
     install_requires=[
@@ -29,6 +30,8 @@ setup(
         "numpy>=1.23",
         "matplotlib>=3.6",
         "pyyaml>=6.0",
+        "omegaconf>=2.3",
+        "tensorboard>=2.14",
     ],
     extras_require={
         "test": ["pytest>=7.0", "pytest-timeout>=2.1"],

@@ -5,7 +5,7 @@
     python bench/transfer_throughput.py --quick               # smoke run (ResNet-18, 2 timed iterations)
     python bench/transfer_throughput.py --detectors c4 --precisions fp32 --iters 10
 
-Runs the real training loop of ``moco_zoo.transfer.engine.trainer.DetectionRun`` (data loading, Faster R-CNN forward with
+Runs the real training loop of ``moco_zoo.transfer.engine.TransferRun`` (data loading, Faster R-CNN forward with
 losses, backward, SGD step, scheduler) on a synthetic VOC devkit (``moco_zoo.data.ensure_dataset("voc")``), with
 randomly initialised backbones (the speed does not depend on the weights). ``--warmup`` iterations run first
 (allocator, oneDNN primitive caches), then ``--iters`` timed ones; each (detector, precision) runs in its own
@@ -30,8 +30,8 @@ def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     import torch
 
-    from moco_zoo.transfer.engine import config as cfglib
-    from moco_zoo.transfer.engine.trainer import DetectionRun
+    from moco_zoo.transfer import config as cfglib
+    from moco_zoo.transfer.engine import TransferRun
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -43,14 +43,15 @@ def worker_main(spec_json: str) -> int:
         sets["batch_size"] = spec["batch_size"]
     cfg = cfglib.resolve("voc_det", "cpu", None, overrides, sets)
     with tempfile.TemporaryDirectory() as out:
-        run = DetectionRun(cfg, "random", spec["data_root"], out)
+        run = TransferRun(cfg, "random", spec["data_root"], out)
         t0 = time.perf_counter()
         run.setup()
         setup_s = time.perf_counter() - t0
-        run.train()  # warm-up iterations
-        run.cfg["iters"] = spec["warmup"] + spec["iters"]
-        run.train()  # timed iterations (train_seconds covers the loop only, not the final checkpoint)
-        seconds = run.train_seconds
+        run.trainer.train()  # warm-up iterations
+        run.trainer.max_iter = spec["warmup"] + spec["iters"]
+        before = run.trainer.train_seconds
+        run.trainer.train()  # timed iterations (train_seconds covers the loop only, not the checkpoints)
+        seconds = run.trainer.train_seconds - before
         batch = run.total_batch
     res = {"seconds": seconds, "iters_s": spec["iters"] / seconds, "img_s": spec["iters"] * batch / seconds,
            "batch": batch, "setup_s": setup_s, "peak_rss_mb": C.peak_rss_mb(), "threads": torch.get_num_threads()}

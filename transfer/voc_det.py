@@ -5,7 +5,7 @@ Usage (from the repository root; also under ``torchrun --nproc_per_node=N``)::
     python transfer/voc_det.py --data-root VOCdevkit --weights moco_r50.v2_800ep random --preset paper
     python transfer/voc_det.py --data-root VOCdevkit --weights ckpt.pth --preset cpu --arch resnet18 --set iters=200
 
-See ``--help`` and :mod:`moco_zoo.transfer.engine.config` for presets and every config key.
+See ``--help`` and moco_zoo/transfer/configs/ for presets and every config key.
 """
 import sys
 

@@ -5,12 +5,12 @@ Usage (from the repository root; also under ``torchrun --nproc_per_node=N``)::
     python transfer/voc_seg.py --data-root VOCdevkit --weights moco_r50.v2_800ep random --preset paper
     python transfer/voc_seg.py --data-root VOCdevkit --weights ckpt.pth random --preset cpu
 
-See ``--help`` and :mod:`moco_zoo.transfer.segmentation.config` for presets and every config key.
+See ``--help`` and moco_zoo/transfer/configs/voc_seg/ for presets and every config key.
 """
 import sys
 
-from moco_zoo.transfer.segmentation.cli import main
+from moco_zoo.transfer.engine.cli import main
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("voc_seg"))

@@ -52,7 +52,7 @@ def detectron2_config_values(cfg: Dict[str, Any], arch: str, num_classes: int, w
     if cfg["detector"] == "c4" and depth < 50:
         raise ValueError(f"detectron2's C4 res5 head is built from bottleneck blocks: use --detector fpn for {arch}, "
                          f"or the torchvision engine (which builds C4 heads for any ResNet)")
-    from .engine.config import effective_batch
+    from .config import effective_batch
 
     total, _, lr = effective_batch(cfg, world_size)
     c4 = cfg["detector"] == "c4"
@@ -170,7 +170,7 @@ def _register_datasets(cfg: Dict[str, Any], data_root: str, class_names: Sequenc
         if (root / "VOCdevkit").is_dir():
             root = root / "VOCdevkit"
         names = []
-        for item in list(cfg["train_sets"]) + [cfg["test_set"]]:
+        for item in list(cfg["train_sets"]) + list(cfg["test_sets"]):
             year, split = item.replace(":", "-").replace("_", "-").split("-", 1)
             name = f"moco_zoo_voc_{year}_{split}"
             if name not in DatasetCatalog.list():

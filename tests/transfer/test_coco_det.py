@@ -17,7 +17,7 @@ TINY = ["--preset", "cpu", "--arch", "resnet18", "--batch-size", "2", "--max-tes
 
 @pytest.mark.parametrize("detector", [pytest.param("fpn", marks=pytest.mark.slow), "c4"])
 def test_mask_rcnn_tiny_run_reports_box_and_mask_ap(synthetic_coco, tmp_path, detector):
-    rc = main("coco_det", ["--data-root", str(synthetic_coco), "--weights", "random", "--out", str(tmp_path),
+    rc = main("coco_det", ["--data-root", str(synthetic_coco), "--weights", "random", "--output-dir", str(tmp_path),
                            "--detector", detector] + TINY)
     assert rc == 0
     result = json.loads((tmp_path / "random" / "metrics.json").read_text())
@@ -26,7 +26,7 @@ def test_mask_rcnn_tiny_run_reports_box_and_mask_ap(synthetic_coco, tmp_path, de
     for kind in ("bbox", "segm"):
         for v in m[kind].values():
             assert v == -1.0 or 0.0 <= v <= 100.0
-    assert result["detector"] == detector and math.isfinite(result["final_loss"])
+    assert result["model"] == f"{detector.upper()} Mask R-CNN" and math.isfinite(result["final_loss"])
     table = (tmp_path / "comparison.md").read_text()
     assert "box AP" in table and "mask AP" in table
     assert len(list((tmp_path / "random" / "predictions").glob("*.png"))) == 2
@@ -35,7 +35,7 @@ def test_mask_rcnn_tiny_run_reports_box_and_mask_ap(synthetic_coco, tmp_path, de
 
 @pytest.mark.slow
 def test_faster_rcnn_without_masks(synthetic_coco, tmp_path):
-    rc = main("coco_det", ["--data-root", str(synthetic_coco), "--weights", "random", "--out", str(tmp_path),
+    rc = main("coco_det", ["--data-root", str(synthetic_coco), "--weights", "random", "--output-dir", str(tmp_path),
                            "--no-mask"] + TINY)
     assert rc == 0
     m = json.loads((tmp_path / "random" / "metrics.json").read_text())["metrics"]
@@ -47,6 +47,6 @@ def test_bad_coco_root_names_the_file(tmp_path, capsys):
     (tmp_path / "train2017").mkdir()
     (tmp_path / "annotations" / "instances_train2017.json").write_text('{"images": [], "annotations": [{"area": -1}]}')
     rc = main("coco_det", ["--data-root", str(tmp_path), "--weights", "random", "--arch", "resnet18",
-                           "--out", str(tmp_path / "o")])
+                           "--output-dir", str(tmp_path / "o")])
     assert rc == 2
     assert "instances_train2017.json" in capsys.readouterr().err

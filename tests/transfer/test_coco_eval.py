@@ -57,7 +57,7 @@ def test_perfect_predictions_score_100_for_boxes_and_masks():
     preds = perfect_predictions()
     ev.update({1: preds[1]})
     ev.update({2: preds[2]})  # batch by batch
-    r = ev.compute()
+    r = ev.evaluate()
     assert set(r) == {"bbox", "segm"}
     for t in ("bbox", "segm"):
         assert tuple(r[t]) == COCO_STAT_NAMES
@@ -74,28 +74,28 @@ def test_default_label_map_and_bool_masks():
     for p in preds.values():
         p["masks"] = p["masks"][:, 0] > 0.5  # N x H x W bool
     ev.update(preds)
-    assert ev.compute()["segm"]["AP"] == pytest.approx(100.0)
+    assert ev.evaluate()["segm"]["AP"] == pytest.approx(100.0)
 
 
 def test_half_of_the_objects_and_subset_evaluation():
     preds = perfect_predictions()
     ev = CocoEvaluator(make_gt(), iou_types=("bbox",), cat_ids={1: 5, 2: 9})
     ev.update({2: preds[2]})  # only image 2 is evaluated: a single perfect detection
-    assert ev.compute()["bbox"]["AP"] == pytest.approx(100.0)
+    assert ev.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
     ev = CocoEvaluator(make_gt(), iou_types=("bbox",), cat_ids={1: 5, 2: 9})
     ev.update({1: {k: v[:1] for k, v in preds[1].items()}, 2: preds[2]})  # class b never detected
-    r = ev.compute()["bbox"]
+    r = ev.evaluate()["bbox"]
     assert r["AP"] == pytest.approx(50.0)  # class a: 100, class b: 0
 
 
 def test_zero_detections_do_not_crash():
     ev = CocoEvaluator(make_gt(), cat_ids={1: 5, 2: 9})
-    r = ev.compute()  # nothing at all
+    r = ev.evaluate()  # nothing at all
     assert all(v == -1.0 for t in r.values() for v in t.values())
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
              "masks": torch.zeros(0, 1, H, W)}
     ev.update({1: empty, 2: empty})
-    r = ev.compute()
+    r = ev.evaluate()
     for t in ("bbox", "segm"):
         assert r[t]["AP"] == 0.0 and r[t]["AR100"] == 0.0 and r[t]["APl"] == -1.0
 
@@ -134,13 +134,13 @@ def _ddp_worker(rank, world, port, out_dir):
         preds = perfect_predictions()
         ev = CocoEvaluator(make_gt(), cat_ids={1: 5, 2: 9})
         ev.update({1 + rank: preds[1 + rank]})  # each rank sees one image
-        r = ev.compute()
+        r = ev.evaluate()
         gts = {1: {"boxes": [[10, 5, 30, 15], [40, 0, 60, 40]], "labels": [1, 2], "difficult": [False, False]},
                2: {"boxes": [[0, 0, 30, 30]], "labels": [1], "difficult": [False]}}
         vev = VOCEvaluator(gts, ["a", "b"])
         p = preds[1 + rank]
         vev.update([1 + rank], [p])
-        v = vev.compute()
+        v = vev.evaluate()
         torch.save({"coco": r, "voc": {k: v[k] for k in ("AP50", "AP", "num_images")}}, f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()

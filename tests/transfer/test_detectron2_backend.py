@@ -7,7 +7,7 @@ import pytest
 
 from moco_zoo.transfer.detectron2_backend import (INSTALL_HINT, detectron2_available, detectron2_config_values,
                                          detectron2_history)
-from moco_zoo.transfer.engine import resolve
+from moco_zoo.transfer.config import resolve
 from moco_zoo.transfer.engine.cli import main
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,7 +18,7 @@ DRIVER = textwrap.dedent('''
     import os, sys
     from pathlib import Path
     import torch
-    from moco_zoo.transfer.engine.trainer import DetectionRun
+    from moco_zoo.transfer.engine.run import TransferRun as DetectionRun
     from moco_zoo.transfer.modeling import DistributedBatchNorm2d
 
     _orig = DetectionRun.write_outputs
@@ -43,10 +44,10 @@ def test_two_process_torchrun_voc_det(synthetic_voc, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-           "--data-root", str(synthetic_voc), "--weights", "random", "--out", str(out), "--preset", "cpu",
+           "--data-root", str(synthetic_voc), "--weights", "random", "--output-dir", str(out), "--preset", "cpu", "--detector", "c4",
            "--arch", "resnet18", "--iters", "3", "--batch-size", "2", "--max-test-images", "4", "--threads", "1",
-           "--set", "box_batch_size_per_image=16", "--set", "rpn_post_nms_top_n_test=30", "--set", "box_detections_per_img=10", "--set", "log_period=1",
-           "--set", "min_size_train=[96,112]", "--set", "min_size_test=112", "--set", "num_vis=1"]
+           "--set", "box_batch_size_per_image=16", "rpn_post_nms_top_n_test=30", "box_detections_per_img=10",
+           "log_period=1", "min_size_train=[96,112]", "min_size_test=112", "num_vis=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = torch.load(out / "random" / "rank0.pt", weights_only=True)
@@ -59,5 +60,5 @@ def test_two_process_torchrun_voc_det(synthetic_voc, tmp_path):
     assert r0["metrics"]["AP50"] == r1["metrics"]["AP50"]  # evaluation gathered over both ranks
     metrics = json.loads((out / "random" / "metrics.json").read_text())
     assert metrics["iters"] == 3 and metrics["metrics"]["num_test_images"] == 4
-    cfg = json.loads((out / "random" / "config.json").read_text())
-    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["batch_per_rank"] == 1
+    cfg = yaml.safe_load((out / "random" / "config.yaml").read_text())
+    assert cfg["run"]["world_size"] == 2 and cfg["run"]["batch_per_rank"] == 1

@@ -135,7 +135,7 @@ def test_evaluator_accumulates_batches_and_torch_inputs():
     t = lambda x, dt=torch.float32: torch.tensor(x, dtype=dt)  # noqa: E731
     ev.update([0], [{"boxes": t([G1, G2]), "scores": t([0.9, 0.8]), "labels": t([1, 2], torch.int64)}])
     ev.update([torch.tensor(1)], [{"boxes": t([G3]), "scores": t([0.7]), "labels": t([1], torch.int64)}])
-    r = ev.compute()
+    r = ev.evaluate()
     # Image 2 was never passed to update(): it is not part of the evaluated set.
     assert r["num_images"] == 2 and r["AP50"] == pytest.approx(100.0)
     with pytest.raises(KeyError):

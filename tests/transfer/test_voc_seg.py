@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from moco_zoo.transfer.segmentation.data import InfiniteShardedSampler, SegTrainTransform
+from moco_zoo.transfer.engine.cli import main
+from moco_zoo.transfer.segmentation.data import SegTrainTransform
 from moco_zoo.transfer.segmentation.metrics import SegmentationMeter, confusion_matrix, segmentation_scores
 from moco_zoo.transfer.segmentation.model import FCNSegmenter, build_segmenter, load_resnet
 
@@ -39,7 +41,7 @@ def test_miou_absent_class_is_left_out_and_meter_accumulates():
     m = SegmentationMeter(4, ["bg", "a", "b", "c"])
     m.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
     m.update(torch.tensor([[1, 0]]), torch.tensor([[1, 255]]))
-    s = m.compute()
+    s = m.evaluate()
     assert s["per_class_IoU"]["b"] is None and s["per_class_IoU"]["c"] is None  # neither in GT nor predicted
     assert s["mIoU"] == pytest.approx(100.0) and s["num_classes_present"] == 2
     assert np.asarray(s["confusion"]).sum() == 3
@@ -91,71 +93,58 @@ def test_train_transform_crop_pad_and_ignore():
     assert (out_mask == 255).sum() == 48 * 48 - 20 * 30
 
 
-def test_infinite_sampler_shards_and_resumes():
-    s0 = InfiniteShardedSampler(10, seed=3, rank=0, world_size=2)
-    s1 = InfiniteShardedSampler(10, seed=3, rank=1, world_size=2)
-    take = lambda s, n: [next(it) for it in [iter(s)] for _ in range(n)]  # noqa: E731
-    a, b = take(s0, 5), take(s1, 5)
-    assert sorted(a + b) == list(range(10))  # one epoch split between the ranks
-    full = take(InfiniteShardedSampler(10, seed=3), 25)
-    assert take(InfiniteShardedSampler(10, seed=3, start=13), 12) == full[13:]
-
-
 def _tiny_args(data_root, out, weights, *extra):
-    return ["--data-root", str(data_root), "--weights", *weights, "--out", str(out), "--preset", "cpu",
+    return ["--data-root", str(data_root), "--weights", *weights, "--output-dir", str(out), "--preset", "cpu",
             "--arch", "resnet18", "--iters", "2", "--batch-size", "2", "--max-test-images", "2", "--threads", "1",
-            "--set", "crop_size=64", "--set", "head_channels=16", "--set", "log_period=1",
-            "--set", "checkpoint_period=1", "--set", "num_samples=1", *extra]
+            "--set", "crop_size=64", "head_channels=16", "log_period=1", "checkpoint_period=1", "num_vis=1", *extra]
 
 
 def test_cli_end_to_end_compare_resume_eval_only(synthetic_voc, tmp_path):
     import torchvision
 
-    from moco_zoo.transfer.segmentation.cli import main
 
     wfile = tmp_path / "weights" / "tv_r18.pth"
     wfile.parent.mkdir()
     torch.manual_seed(1)
     torch.save(torchvision.models.resnet18().state_dict(), wfile)
     out = tmp_path / "run"
-    assert main(_tiny_args(synthetic_voc, out, ["random", str(wfile)])) == 0
+    assert main("voc_seg", _tiny_args(synthetic_voc, out, ["random", str(wfile)])) == 0
     table = (out / "comparison.md").read_text()
-    assert "| random | resnet18 | 2 |" in table and "tv_r18" in table
+    assert "| random | resnet18 | FCN os16 | 2 |" in table and "tv_r18" in table
     run = out / "random"
-    for name in ("config.json", "metrics.json", "results.md", "loss_curve.png", "checkpoint_last.pth"):
-        assert (run / name).is_file(), name
-    assert list((run / "samples").glob("*.png"))
+    for name in ("config.yaml", "metrics.json", "results.md", "loss_curve.png", "checkpoint_last.pth", "log.txt"):
+        assert (run / name).is_file() or (out / name).is_file(), name
+    assert list((run / "predictions").glob("*.png"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["metrics"]["mIoU"] <= 100.0 and metrics["class_names"][0] == "background"
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["preset"] == "cpu" and cfg["crop_size"] == 64 and cfg["arch"] == "resnet18"
 
     ckpt = torch.load(run / "checkpoint_last.pth", weights_only=True)
-    assert ckpt["kind"] == "transfer" and ckpt["task"] == "voc_seg" and ckpt["iter"] == 2
+    assert ckpt["kind"] == "transfer" and ckpt["task"] == "voc_seg" and ckpt["iteration"] == 2
     assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporaries
 
     # --resume continues the same run to a longer schedule (iterations 2 -> 3), keeping the loss history.
-    assert main(_tiny_args(synthetic_voc, out, ["random"], "--resume", "--iters", "3")) == 0
+    assert main("voc_seg", _tiny_args(synthetic_voc, out, ["random"], "--resume", "--iters", "3")) == 0
     ckpt = torch.load(run / "checkpoint_last.pth", weights_only=True)
-    assert ckpt["iter"] == 3 and [h["iter"] for h in ckpt["history"]] == [1, 2, 3]
+    assert ckpt["iteration"] == 3 and [h["iter"] for h in ckpt["history"]] == [1, 2, 3]
 
     # --eval-only on the checkpoint reproduces the evaluation without training.
     before = json.loads((run / "metrics.json").read_text())["metrics"]["mIoU"]
-    assert main(_tiny_args(synthetic_voc, out, ["random"], "--resume", str(run / "checkpoint_last.pth"),
-                           "--eval-only", "--iters", "3")) == 0
+    assert main("voc_seg", _tiny_args(synthetic_voc, out, ["random"], "--resume", str(run / "checkpoint_last.pth"),
+                                      "--eval-only", "--iters", "3")) == 0
     after = json.loads((run / "metrics.json").read_text())["metrics"]["mIoU"]
     assert after == pytest.approx(before)
 
 
 def test_cli_errors(synthetic_voc, tmp_path, capsys):
-    from moco_zoo.transfer.segmentation.cli import main
 
-    assert main(_tiny_args(synthetic_voc, tmp_path, ["random"], "--set", "nonsense=1")) == 2
+    assert main("voc_seg", _tiny_args(synthetic_voc, tmp_path, ["random"], "--set", "nonsense=1")) == 2
     assert "unknown config key 'nonsense'" in capsys.readouterr().err
-    assert main(_tiny_args(synthetic_voc, tmp_path, ["random"], "--set", "val_sets=[2012-test]")) == 2
+    assert main("voc_seg", _tiny_args(synthetic_voc, tmp_path, ["random"], "--set", "test_sets=[2012-test]")) == 2
     err = capsys.readouterr().err
     assert "VOC2012" in err and "test.txt: image-set file not found" in err
-    assert main(_tiny_args(synthetic_voc, tmp_path, ["random"], "--eval-only")) == 2
+    assert main("voc_seg", _tiny_args(synthetic_voc, tmp_path, ["random"], "--eval-only")) == 2
     assert "--eval-only needs --resume" in capsys.readouterr().err
 
 
@@ -180,8 +169,8 @@ def test_torchrun_two_processes_syncbn(synthetic_voc, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "random" / "metrics.json").read_text())
-    cfg = json.loads((out / "random" / "config.json").read_text())
-    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["per_rank_batch"] == 1
+    cfg = yaml.safe_load((out / "random" / "config.yaml").read_text())
+    assert cfg["run"]["world_size"] == 2 and cfg["run"]["batch_per_rank"] == 1
     assert metrics["iters"] == 2 and metrics["metrics"]["num_pixels"] > 0
     # the confusion matrix covers all 3 evaluated images (summed over the two ranks)
     from moco_zoo.data.voc import VOCSegmentation

@@ -1,17 +1,5 @@
-"""Transfer engine: configs and presets, detection training/testing loop, outputs, shared CLI.
+"""The transfer engine: an iteration-based trainer with hooks, one run per (config, weights), one CLI."""
+from .run import CHECKPOINT_NAME, TransferRun
+from .trainer import HookBase, Trainer, lr_factor
 
-Attributes are imported lazily so ``voc_det.py --help`` answers without importing torch.
-"""
-from importlib import import_module
-
-_EXPORTS = {
-    "PRESETS": "config", "ConfigError": "config", "effective_batch": "config", "resolve": "config",
-    "CHECKPOINT_NAME": "trainer", "DetectionRun": "trainer", "lr_factor": "trainer",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["CHECKPOINT_NAME", "TransferRun", "HookBase", "Trainer", "lr_factor"]

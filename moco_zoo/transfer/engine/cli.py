@@ -1,72 +1,95 @@
-"""Shared command line of ``transfer/voc_det.py`` and ``transfer/coco_det.py``.
+"""The one command line of the transfer scripts (``transfer/voc_det.py``, ``coco_det.py``, ``voc_seg.py``).
 
-Several ``--weights`` give one run each (same config, same seed, same budget) under ``--out/<weights>/`` and a
-comparison table ``--out/comparison.md`` (+ ``comparison.json``) at the end.
+Several ``--weights`` give one run each (same config, seed and budget) under ``--output-dir/<weights>/`` and a
+comparison table ``--output-dir/comparison.md`` (+ ``comparison.json``) at the end.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import config as cfglib
+from .. import config as cfglib
 
-ENGINES = ("torchvision", "detectron2")
+logger = logging.getLogger(__name__)
 
 DESCRIPTIONS = {
     "voc_det": "Fine-tune and test a detector on Pascal VOC (VOC07+12 trainval -> VOC07 test) from MoCo backbone "
                "weights; reports AP50 (VOC07 11-point), VOC area AP50, and COCO-style AP / AP75.",
     "coco_det": "Fine-tune and test Mask R-CNN (or Faster R-CNN with --no-mask) on COCO from MoCo backbone weights; "
                 "reports the 12 COCOeval numbers for boxes and masks.",
+    "voc_seg": "Fine-tune and test an FCN semantic segmentation model on Pascal VOC from MoCo backbone weights; "
+               "reports mIoU (confusion-matrix based, 255 = ignore), pixel and mean class accuracy.",
 }
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"{task}.py", description=DESCRIPTIONS[task])
-    data_help = ("VOCdevkit directory (containing VOC2007/ and VOC2012/)" if task == "voc_det"
-                 else "COCO root (annotations/instances_<split>.json, <split>/ image folders)")
-    p.add_argument("--data-root", required=True, help=data_help)
+    p = argparse.ArgumentParser(prog=f"{task}.py", description=DESCRIPTIONS[task],
+                                epilog="Every config key can be set with --set KEY=VALUE (value parsed as YAML); the "
+                                       f"keys and presets are in moco_zoo/transfer/configs/{task}/.")
+    p.add_argument("--data-root", required=True,
+                   help="COCO root (annotations/instances_<split>.json, <split>/)" if task == "coco_det"
+                   else "VOCdevkit directory (containing VOC2007/ and/or VOC2012/)")
     p.add_argument("--weights", nargs="+", required=True, metavar="SPEC",
                    help="backbone weights: zoo name (moco_r50.v2_800ep), hf-hub:ORG/REPO, a converted or raw "
                         "checkpoint file, torchvision-supervised, or random; several -> one run each + comparison")
-    p.add_argument("--out", default=f"runs/{task}", help="output directory (default: %(default)s)")
+    p.add_argument("--output-dir", "--out", dest="output_dir", default=f"runs/{task}",
+                   help="output directory (default: %(default)s; --out is a deprecated alias)")
     p.add_argument("--preset", default="paper", choices=cfglib.preset_names(task),
-                   help="schedule/size preset (default: %(default)s); every value can be overridden")
-    p.add_argument("--config", dest="config_file", help="YAML file of config keys applied after the preset")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key (value parsed as YAML), e.g. --set steps=[200,250]; repeatable")
-    p.add_argument("--engine", default="torchvision", choices=ENGINES, help="detection engine (default: %(default)s)")
+                   help="config preset (default: %(default)s)")
+    p.add_argument("--config-file", "--config", dest="config_file", help="YAML file of config keys applied after "
+                   "the preset")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set steps=[200,250] lr=0.01")
+    if task != "voc_seg":
+        p.add_argument("--engine", choices=("torchvision", "detectron2"), help="detection engine (default: "
+                       "torchvision)")
+        p.add_argument("--detector", choices=("c4", "fpn"), help="R-CNN backbone layout")
+    if task == "coco_det":
+        p.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
+                       help="Mask R-CNN (default) or Faster R-CNN (--no-mask)")
+    if task == "voc_seg":
+        p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="8/16: dilated ResNet; 32: plain")
     p.add_argument("--arch", help="ResNet architecture (default: the one the weights report, else resnet50)")
-    p.add_argument("--detector", choices=("c4", "fpn"), help="R-CNN backbone layout (voc default c4, coco fpn)")
     p.add_argument("--norm", choices=("bn", "syncbn", "frozen"), help="normalisation in backbone and head")
     p.add_argument("--iters", type=int, help="training iterations (lr steps scale along unless steps is set)")
     p.add_argument("--batch-size", type=int, help="global batch size (all processes)")
     p.add_argument("--lr", type=float, help="learning rate for lr_reference_batch images (scaled linearly)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-period", type=int, help="also evaluate every N iterations (learning curves)")
+    p.add_argument("--seed", type=int, help="random seed (head init, data order, augmentation, random backbone)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="one run per seed and weights; the comparison reports mean +- std over the seeds")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: auto)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--threads", type=int, help="torch threads per process")
-    p.add_argument("--workers", type=int, help="DataLoader workers per process")
-    p.add_argument("--max-test-images", type=int, help="evaluate on the first N test images only")
-    if task == "coco_det":
-        p.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
-                       help="Mask R-CNN (default) or Faster R-CNN (--no-mask)")
+    p.add_argument("--workers", "-j", type=int, help="DataLoader workers per process")
+    p.add_argument("--max-test-images", type=int, help="test on the first N test images only")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT, or (no value) from each run's <out>/<weights>/checkpoint_last.pth")
+                   help="continue from CKPT, or (no value) from each run's <output-dir>/<weights>/checkpoint_last.pth")
     p.add_argument("--eval-only", action="store_true", help="only test the model in the --resume checkpoint")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow fully unpickling trusted weights files that need it")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
+
+
+_FLAG_KEYS = ("engine", "detector", "mask", "output_stride", "arch", "norm", "iters", "batch_size", "lr",
+              "eval_period", "seed", "device", "precision", "threads", "workers", "max_test_images", "allow_pickle")
+
+
+def resolve_config(task: str, args: argparse.Namespace):
+    flags = {k: getattr(args, k, None) for k in _FLAG_KEYS}
+    return cfglib.resolve(task, args.preset, args.config_file, flags, cfglib.parse_overrides(args.overrides))
 
 
 def run_slug(spec: str) -> str:
     p = Path(spec)
     if p.suffix and (p.exists() or "/" in spec or "\\" in spec):
         spec = f"{p.parent.name}_{p.stem}" if p.parent.name else p.stem
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("._") or "weights"
-    return slug
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("._") or "weights"
 
 
 def run_dirs(out: Path, specs: List[str]) -> List[Path]:
@@ -78,63 +101,74 @@ def run_dirs(out: Path, specs: List[str]) -> List[Path]:
     return dirs
 
 
-def resolve_config(task: str, args: argparse.Namespace) -> Dict[str, Any]:
-    overrides = {
-        "arch": args.arch, "detector": args.detector, "norm": args.norm, "iters": args.iters,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
-        "precision": args.precision, "threads": args.threads, "workers": args.workers,
-        "max_test_images": args.max_test_images, "mask": getattr(args, "mask", None),
-        "allow_pickle": args.allow_pickle,
-    }
-    return cfglib.resolve(task, args.preset, args.config_file, overrides, cfglib.parse_set(args.sets))
+def _runs(out: Path, specs: List[str], seeds: Optional[List[int]]):
+    """(weights, seed or None, run dir) for every run of a comparison: ``<out>/<weights>[/seed<N>]``."""
+    for spec, run_dir in zip(specs, run_dirs(out, specs)):
+        if not seeds:
+            yield spec, None, run_dir
+        else:
+            for seed in seeds:
+                yield spec, seed, run_dir / f"seed{seed}"
 
 
 def write_comparison(task: str, out: Path, results: List[Dict[str, Any]]) -> Optional[Path]:
     from moco_zoo import device as devlib
+    from moco_zoo.checkpoint import atomic_write_text
 
     from . import report
 
     if not devlib.is_main_process() or not results:
         return None
     table = report.markdown_table(task, results)
+    summary = report.seed_summary(task, results)
     report.write_json(out / "comparison.json", results)
-    text = (f"# {task}: comparison ({len(results)} run(s), same config and budget)\n\n{table}\n"
-            + "".join(f"- `{r['weights']}`: {r['out_dir']}\n" for r in results))
-    report.atomic_write_text(out / "comparison.md", text)
+    text = f"# {task}: comparison ({len(results)} run(s), same config and budget)\n\n{table}\n"
+    if summary:
+        text += f"Mean +- std over seeds:\n\n{summary}\n"
+        if report.plot_seed_curves(task, results, out / "curves.png"):
+            text += "![metric vs iteration, mean +- std over seeds](curves.png)\n\n"
+    text += "".join(f"- `{r['weights']}` (seed {r.get('seed')}): {r['out_dir']}\n" for r in results)
+    atomic_write_text(out / "comparison.md", text)
     return out / "comparison.md"
 
 
 def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
     from moco_zoo import device as devlib
+    from moco_zoo.logs import setup_logging
 
     from . import report
 
     cfg = resolve_config(task, args)
-    out = Path(args.out)
-    if args.resume not in (None, "auto") and len(args.weights) > 1:
-        raise cfglib.ConfigError("--resume CKPT takes one --weights; use --resume without a value for several")
+    out = Path(args.output_dir)
+    setup_logging(str(out))
+    if args.resume not in (None, "auto") and (len(args.weights) > 1 or len(args.seeds or ()) > 1):
+        raise cfglib.ConfigError("--resume CKPT takes one --weights and seed; use --resume without a value for "
+                                 "several")
     if args.eval_only and not args.resume:
         raise cfglib.ConfigError("--eval-only needs --resume (the checkpoint to test)")
-    if args.engine == "detectron2":
-        from ..detectron2_backend import run_detectron2
+    if not cfg.arch:
+        from ..modeling import resolve_arch
 
-        return [run_detectron2(cfg, w, args.data_root, d, resume=args.resume is not None, eval_only=args.eval_only)
-                for w, d in zip(args.weights, run_dirs(out, args.weights))]
-    from ..modeling import resolve_arch
-    from .trainer import DetectionRun
-
-    if not cfg["arch"]:
         # one architecture for every run of a comparison (random init gets the MoCo weights' architecture)
-        cfg["arch"] = resolve_arch(args.weights, None, allow_pickle=bool(cfg["allow_pickle"]))
+        cfg.arch = resolve_arch(args.weights, None, allow_pickle=bool(cfg.allow_pickle))
     results = []
-    for spec, run_dir in zip(args.weights, run_dirs(out, args.weights)):
-        result = DetectionRun(cfg, spec, args.data_root, str(run_dir), resume=args.resume,
-                              eval_only=args.eval_only).run()
+    for spec, seed, run_dir in _runs(out, args.weights, args.seeds):
+        if seed is not None:
+            cfg.seed = seed
+        if cfg.engine == "detectron2":
+            from ..detectron2_backend import run_detectron2
+
+            result = run_detectron2(cfg, spec, args.data_root, str(run_dir), resume=args.resume is not None,
+                                    eval_only=args.eval_only)
+        else:
+            from .run import TransferRun
+
+            result = TransferRun(cfg, spec, args.data_root, str(run_dir), resume=args.resume,
+                                 eval_only=args.eval_only).run()
         results.append(result)
         if devlib.is_main_process():
             row = report.metric_row(task, result["metrics"])
-            print(f"{task} [{spec}]: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if v is not None),
-                  flush=True)
+            logger.info("%s [%s]: %s", task, spec, ", ".join(f"{k} {v:.1f}" for k, v in row.items() if v is not None))
     path = write_comparison(task, out, results)
     if path is not None:
         print(path.read_text(encoding="utf-8"), flush=True)
@@ -148,7 +182,9 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
 
     try:
         run(task, args)
-    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+    except (ValueError, OSError, CheckpointError, ImportError, FloatingPointError) as e:
+        if args.debug:
+            raise
         print(f"{task}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,11 +1,13 @@
-"""Datasets, training transforms, the infinite distributed sampler and the collate function for detection."""
+"""Detection datasets and training transforms, and the engine's sampler: an infinite, seeded, resumable stream."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+import random
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
+
+from moco_zoo.pretrain.data import sample_seed
 
 
 class TrainTransform:
@@ -46,17 +48,13 @@ class TrainTransform:
         return image, target
 
 
-def collate(batch):
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 class InfiniteSampler(Sampler):
-    """Endless stream of shuffled indices for iteration-based training, sharded over ranks.
+    """Endless stream of ``(index, sample_seed)`` pairs for iteration-based training, sharded over ranks.
 
     Epoch ``e`` is ``randperm(n)`` from a generator seeded with ``seed + e``; rank ``r`` of ``w`` takes every ``w``-th
-    index of it. ``start`` skips the first ``start`` indices of this rank's stream, so a resumed run continues with
-    exactly the data it would have seen (``start = iteration x per-rank batch``).
+    index of it. Each pair carries the seed of its augmentation, a function of (seed, rank, position in this rank's
+    stream) only, so the data of a run is the same with any number of loader workers and across a resume:
+    ``start`` skips the first ``start`` positions (``start = iteration x per-rank batch``).
     """
 
     def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0):
@@ -72,67 +70,43 @@ class InfiniteSampler(Sampler):
             perm = torch.randperm(self.size, generator=g)[:1]
         return perm
 
-    def __iter__(self) -> Iterator[int]:
-        skip, e = self.start, 0
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        skip, e, position = self.start, 0, self.start
         while True:
             perm = self._epoch(e)
             e += 1
             if skip >= len(perm):
                 skip -= len(perm)
                 continue
-            yield from perm[skip:].tolist()
+            for index in perm[skip:].tolist():
+                yield index, sample_seed(self.seed, self.rank, position)
+                position += 1
             skip = 0
+
+
+class SeededDataset(Dataset):
+    """``dataset[(index, seed)]``: ``dataset[index]`` with torch's CPU generator and ``random`` seeded by ``seed``
+    (their states restored afterwards), so random transforms depend on the sample's seed only."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, seed = item
+        torch_state, py_state = torch.get_rng_state(), random.getstate()
+        torch.default_generator.manual_seed(int(seed))
+        random.seed(int(seed))
+        try:
+            return self.dataset[int(index)]
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(py_state)
 
 
 def shard(dataset: Dataset, rank: int, world_size: int, limit: Optional[int] = None) -> Subset:
     """Rank ``rank``'s share (every ``world_size``-th item) of the first ``limit`` items of ``dataset``."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     return Subset(dataset, list(range(rank, n, world_size)))
-
-
-def _voc_sets(items: Sequence[str]) -> List[Tuple[str, str]]:
-    out = []
-    for item in items:
-        for sep in ("-", ":", "_", "/"):
-            if sep in item:
-                y, s = item.split(sep, 1)
-                out.append((y, s))
-                break
-        else:
-            raise ValueError(f"VOC image set {item!r}: expected YEAR-split, e.g. 2007-trainval")
-    return out
-
-
-def build_datasets(cfg: Dict[str, Any], data_root: str):
-    """``(train_dataset, test_dataset, class_names)`` for ``cfg["task"]``; test datasets carry no transform."""
-    root = Path(data_root)
-    train_tf = TrainTransform(cfg["flip_prob"], cfg.get("train_use_difficult", True), drop_crowd=True)
-    if cfg["task"] == "voc_det":
-        from moco_zoo.data.voc import VOCDetection
-
-        if (root / "VOCdevkit").is_dir() and not (root / "VOC2007").is_dir():
-            root = root / "VOCdevkit"
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: VOCdevkit directory not found (pass --data-root VOCdevkit)")
-        train = VOCDetection(root, _voc_sets(cfg["train_sets"]), transforms=train_tf,
-                             keep_difficult=bool(cfg.get("train_use_difficult", True)))
-        test = VOCDetection(root, _voc_sets([cfg["test_set"]]), class_names=train.class_names, keep_difficult=True)
-        names = list(train.class_names)
-    elif cfg["task"] == "coco_det":
-        from moco_zoo.data.coco import CocoInstances
-
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: COCO root not found (expected annotations/ and train2017/ under it)")
-        train = CocoInstances(root, cfg["train_split"], transforms=train_tf, remove_images_without_annotations=True,
-                              with_masks=bool(cfg["mask"]))
-        test = CocoInstances(root, cfg["test_split"], with_masks=False)
-        names = list(train.class_names)
-        if list(test.class_names) != names:
-            raise ValueError(f"{test.ann_file}: categories differ from {train.ann_file}")
-    else:
-        raise ValueError(f"unknown task {cfg['task']!r}")
-    if cfg.get("max_train_images"):
-        train = Subset(train, list(range(min(int(cfg["max_train_images"]), len(train)))))
-    if len(train) == 0:
-        raise ValueError(f"{data_root}: the training set is empty")
-    return train, test, names

@@ -15,6 +15,7 @@ COLUMNS = {
     "voc_det": [("AP50", ("AP50",)), ("AP", ("AP",)), ("AP75", ("AP75",)), ("AP50 (area)", ("AP50_area",))],
     "coco_det": [("box AP", ("bbox", "AP")), ("box AP50", ("bbox", "AP50")), ("box AP75", ("bbox", "AP75")),
                  ("mask AP", ("segm", "AP")), ("mask AP50", ("segm", "AP50")), ("mask AP75", ("segm", "AP75"))],
+    "voc_seg": [("mIoU", ("mIoU",)), ("pixel acc", ("pixel_acc",)), ("mean acc", ("mean_acc",))],
 }
 
 
@@ -34,12 +35,12 @@ def metric_row(task: str, metrics: Dict[str, Any]) -> Dict[str, Optional[float]]
 def markdown_table(task: str, rows: Sequence[Dict[str, Any]]) -> str:
     """``rows``: dicts with ``weights`` and ``metrics``; columns without any value are omitted."""
     cols = [label for label, path in COLUMNS[task] if any(_get(r["metrics"], path) is not None for r in rows)]
-    lines = ["| weights | arch | detector | iters | " + " | ".join(cols) + " |",
+    lines = ["| weights | arch | model | iters | " + " | ".join(cols) + " |",
              "|---|---|---|---|" + "---|" * len(cols)]
     for r in rows:
         vals = metric_row(task, r["metrics"])
         cells = ["-" if vals[c] is None else f"{vals[c]:.1f}" for c in cols]
-        lines.append(f"| {r['weights']} | {r.get('arch', '')} | {r.get('detector', '')} | {r.get('iters', '')} | "
+        lines.append(f"| {r['weights']} | {r.get('arch', '')} | {r.get('model', '')} | {r.get('iters', '')} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -110,4 +111,114 @@ def save_image(chw_uint8: torch.Tensor, path: Path) -> Path:
 
     buf = io.BytesIO()
     Image.fromarray(chw_uint8.permute(1, 2, 0).contiguous().numpy()).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_segmentation_sample(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, path: Path) -> Path:
+    """One PNG: the image, the ground truth and the prediction side by side (VOC palette; 255 = ignore)."""
+    import numpy as np
+    from PIL import Image
+
+    from moco_zoo.data.voc import voc_palette
+
+    palette = voc_palette()
+    img = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    gap = np.full((img.shape[0], 4, 3), 255, np.uint8)
+    colour = [palette[m.cpu().numpy().astype(np.int64).clip(0, 255)] for m in (mask, pred)]
+    strip = np.concatenate([img, gap, colour[0], gap, colour[1]], axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(strip).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_eval_history(eval_history: List[Dict[str, Any]], task: str, path: Path, title: str = "") -> Optional[Path]:
+    """The task's table metrics against the iteration, from the periodic evaluations."""
+    if not eval_history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    its = [e["iter"] for e in eval_history]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for label, key in COLUMNS[task]:
+        values = [_get(e["metrics"], key) for e in eval_history]
+        if any(v is not None for v in values):
+            ax.plot(its, [float("nan") if v is None else v for v in values], marker="o", label=label)
+    ax.set_xlabel("iteration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _by_weights(results: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["weights"], []).append(r)
+    return groups
+
+
+def seed_summary(task: str, results: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """Markdown table of mean +- std (sample std over seeds) per weights; None unless some weights ran >1 seed."""
+    import statistics
+
+    groups = _by_weights(results)
+    if not any(len(g) > 1 for g in groups.values()):
+        return None
+    cols = [label for label, path in COLUMNS[task] if any(_get(r["metrics"], path) is not None for r in results)]
+    lines = ["| weights | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for weights, runs in groups.items():
+        cells = []
+        for label in cols:
+            values = [v for v in (metric_row(task, r["metrics"])[label] for r in runs) if v is not None]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.1f} +- {std:.1f}" if values else "-")
+        lines.append(f"| {weights} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_seed_curves(task: str, results: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """The task's first metric against the iteration (periodic evaluations + the final one), one line per weights
+    with a mean +- std band over seeds."""
+    import numpy as np
+
+    label, key = COLUMNS[task][0]
+    curves = {}
+    for weights, runs in _by_weights(results).items():
+        per_seed = []
+        for r in runs:
+            points = {e["iter"]: _get(e["metrics"], key) for e in r.get("eval_history", [])}
+            points[r["iters"]] = _get(r["metrics"], key)
+            per_seed.append(points)
+        its = sorted(set.intersection(*(set(p) for p in per_seed)))
+        values = np.array([[p[i] if p[i] is not None else np.nan for i in its] for p in per_seed], dtype=float)
+        curves[weights] = (its, values)
+    if not curves or all(len(its) < 2 for its, _ in curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for weights, (its, values) in curves.items():
+        mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0, ddof=1 if len(values) > 1 else 0)
+        name = weights if len(weights) < 40 else "..." + weights[-37:]
+        ax.plot(its, mean, marker="o", label=f"{name} ({len(values)} seeds)")
+        ax.fill_between(its, mean - std, mean + std, alpha=0.25)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{task}: {label} (mean +- std over seeds)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())

@@ -1,44 +1,39 @@
-"""The torchvision detection engine: build, train (warmup + step lr, multi-scale, DDP + SyncBN, atomic checkpoints,
-``--resume``), precise BN, test, and write the run's outputs.
+"""The transfer engine's training loop: an iteration-based trainer whose features are hooks (as detectron2's
+``engine/train_loop.py`` + ``engine/hooks.py``).
 
-One :class:`DetectionRun` is one (config, weights) pair; :func:`moco_zoo.transfer.engine.cli.main` runs several for a
-comparison table. Under ``torchrun`` every rank executes the same code; rank 0 writes files.
+:class:`Trainer` runs ``run_step`` from ``start_iter`` to ``max_iter``; hooks add the lr schedule, logging (JSONL,
+TensorBoard, progress bar), periodic checkpoints with exact resume, periodic evaluation and precise BN. Everything a
+resumed run needs to continue bit-identically is in :meth:`Trainer.state_dict`: model, optimizer, AMP scaler,
+iteration, the RNG states of every generator, the logged history (the data stream position is the iteration).
 """
 from __future__ import annotations
 
 import bisect
-import copy
+import json
+import logging
+import math
+import random
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from moco_zoo import device as devlib
-from moco_zoo.checkpoint import KIND_TRANSFER, CheckpointError, atomic_torch_save, safe_torch_load
-from moco_zoo.precise_bn import recompute_bn_stats
 
-from ..modeling import batchnorm_modules, build_detector, convert_sync_batchnorm
-from . import report
-from .config import dump, effective_batch
-from .data import InfiniteSampler, build_datasets, collate, shard
-
-CHECKPOINT_NAME = "checkpoint_last.pth"
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
-def _progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=not devlib.is_main_process(), dynamic_ncols=True, **kw)
-
-
-def lr_factor(it: int, cfg: Dict[str, Any]) -> float:
-    """Multiplier of the base lr at iteration ``it`` (0-based): linear warmup, then x gamma at each step."""
-    f = float(cfg["gamma"]) ** bisect.bisect_right(list(cfg["steps"]), it)
+def lr_factor(it: int, cfg: Any) -> float:
+    """Multiplier of the base lr at iteration ``it`` (0-based): linear warmup from ``warmup_factor``, then ``step``
+    (x ``gamma`` at each of ``steps``; steps at or beyond ``iters`` never happen) or ``poly``."""
+    if cfg["lr_schedule"] == "poly":
+        f = (1.0 - it / float(cfg["iters"])) ** float(cfg["poly_power"])
+    else:
+        f = float(cfg["gamma"]) ** bisect.bisect_right(list(cfg["steps"]), it)
     warm = int(cfg["warmup_iters"])
     if it < warm:
         alpha = it / warm
@@ -46,35 +41,293 @@ def lr_factor(it: int, cfg: Dict[str, Any]) -> float:
     return f
 
 
-def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float) -> List[Dict[str, Any]]:
-    norm_params, other = [], []
-    seen = set()
+def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float,
+                 lr_mults: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """SGD groups: norm parameters get ``weight_decay_norm``; ``lr_mults`` maps a parameter-name prefix to an lr
+    multiplier (e.g. ``{"head.": 10}``)."""
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
+    groups: Dict[tuple, Dict[str, Any]] = {}
+    seen = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (norm_params if isinstance(module, norm_types) else other).append(p)
-    groups = [{"params": other, "weight_decay": weight_decay}]
-    if norm_params:
-        groups.append({"params": norm_params, "weight_decay": weight_decay_norm})
-    return groups
+            full = f"{module_name}.{name}" if module_name else name
+            mult = next((m for prefix, m in (lr_mults or {}).items() if full.startswith(prefix)), 1.0)
+            wd = weight_decay_norm if isinstance(module, norm_types) else weight_decay
+            groups.setdefault((wd, mult), {"params": [], "weight_decay": wd, "lr_mult": mult})["params"].append(p)
+    return list(groups.values())
 
 
-def _to_device(images, targets, device):
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-               for t in targets]
-    return images, targets
+def get_rng_states(device: torch.device) -> Dict[str, Any]:
+    """Every generator's state, in types ``torch.load(weights_only=True)`` reads back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_sizes(model: nn.Module, cfg: Dict[str, Any], train: bool) -> None:
-    m = model.module if hasattr(model, "module") else model
-    m.transform.min_size = tuple(int(s) for s in cfg["min_size_train"]) if train else (int(cfg["min_size_test"]),)
+def set_rng_states(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _all_reduce_mean(values: Dict[str, float], device) -> Dict[str, float]:
+class HookBase:
+    """Called by :class:`Trainer` around the loop; ``self.trainer`` is set when registered."""
+
+    trainer: "Trainer"
+
+    def before_train(self) -> None:
+        pass
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+
+class Trainer:
+    """SGD over an endless batch iterator: ``losses = loss_fn(model, batch)`` (a dict of scalar tensors), summed,
+    backward (AMP scaler for fp16), optional gradient clipping, optimizer step. ``self.iter`` counts finished steps.
+    """
+
+    def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 batches: Callable[[int], Iterator[Any]], loss_fn: Callable[[nn.Module, Any], Dict[str, torch.Tensor]],
+                 *, max_iter: int, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+                 clip_grad_norm: Optional[float] = None):
+        self.model = model  # the bare model (checkpoints, evaluation)
+        self.train_model = train_model  # what is stepped: the DDP wrapper or the model itself
+        self.optimizer = optimizer
+        self.batches = batches  # start iteration -> iterator of batches from that point of the data stream
+        self.loss_fn = loss_fn
+        self.max_iter = int(max_iter)
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.clip_grad_norm = clip_grad_norm
+        self.iter = 0
+        self.history: List[Dict[str, float]] = []  # logged training metrics
+        self.eval_history: List[Dict[str, Any]] = []  # {"iter", "metrics"} of every evaluation
+        self.latest_losses: Dict[str, float] = {}
+        self.hooks: List[HookBase] = []
+        self.train_seconds = 0.0
+
+    def register_hooks(self, hooks: Sequence[Optional[HookBase]]) -> None:
+        for h in hooks:
+            if h is not None:
+                h.trainer = self
+                self.hooks.append(h)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "iteration": self.iter, "history": self.history,
+                "eval_history": self.eval_history, "rng": get_rng_states(self.device)}
+
+    def load_state_dict(self, state: Dict[str, Any], *, model_only: bool = False) -> None:
+        self.model.load_state_dict(state["model"])
+        self.iter = int(state["iteration"])
+        self.history = list(state.get("history", []))
+        self.eval_history = list(state.get("eval_history", []))
+        if model_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("rng"):
+            set_rng_states(state["rng"], self.device)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        for h in self.hooks:
+            h.before_train()
+        if self.iter < self.max_iter:
+            self._data = self.batches(self.iter)
+            self.train_model.train()
+            t0 = time.perf_counter()
+            while self.iter < self.max_iter:
+                for h in self.hooks:
+                    h.before_step()
+                self.run_step()
+                self.iter += 1
+                for h in self.hooks:
+                    h.after_step()
+            self.train_seconds += time.perf_counter() - t0
+        for h in self.hooks:
+            h.after_train()
+
+    def run_step(self) -> None:
+        batch = next(self._data)
+        with devlib.autocast(self.device, self.amp_dtype):
+            losses = self.loss_fn(self.train_model, batch)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iter} "
+                                     f"({ {k: round(float(v), 4) for k, v in losses.items()} }); lower the lr or set "
+                                     f"clip_grad_norm")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.latest_losses = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+
+
+# ---------------------------------------------------------------------- hooks
+class LRScheduler(HookBase):
+    """Sets every group's lr to ``base_lr x lr_mult x lr_factor(iter)`` before each step (stateless, so a resumed
+    run needs nothing but the iteration)."""
+
+    def __init__(self, base_lr: float, factor: Callable[[int], float]):
+        self.base_lr = base_lr
+        self.factor = factor
+
+    def before_step(self) -> None:
+        f = self.factor(self.trainer.iter)
+        for g in self.trainer.optimizer.param_groups:
+            g["lr"] = self.base_lr * g.get("lr_mult", 1.0) * f
+
+
+class MetricsWriter(HookBase):
+    """Every ``period`` iterations: the mean of the step losses over the window (averaged over ranks) and the lr go
+    to the history, ``metrics.jsonl``, TensorBoard (``tb/``) and the progress bar (rank 0 writes)."""
+
+    def __init__(self, out_dir: Path, period: int, desc: str, tensorboard: bool = True):
+        self.out_dir, self.period, self.desc = Path(out_dir), int(period), desc
+        self.tensorboard = tensorboard
+        self._window: Dict[str, List[float]] = {}
+        self._bar = None
+        self._tb = None
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if devlib.is_main_process():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=t.iter or None)
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=t.max_iter, initial=t.iter, desc=self.desc, unit="it", dynamic_ncols=True,
+                         disable=not devlib.is_main_process())
+
+    def after_step(self) -> None:
+        t = self.trainer
+        for k, v in t.latest_losses.items():
+            self._window.setdefault(k, []).append(v)
+        self._bar.update(1)
+        if t.iter % self.period and t.iter != t.max_iter:
+            return
+        mean = _all_reduce_mean({k: sum(v) / len(v) for k, v in self._window.items()}, t.device)
+        self._window = {}
+        entry = {"iter": t.iter, "lr": t.optimizer.param_groups[0]["lr"] / t.optimizer.param_groups[0].get(
+            "lr_mult", 1.0), **mean}
+        t.history.append(entry)
+        self._bar.set_postfix(loss=f"{mean['loss']:.3f}", lr=f"{entry['lr']:.2e}")
+        if devlib.is_main_process():
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+            if self._tb is not None:
+                for k, v in entry.items():
+                    if k != "iter":
+                        self._tb.add_scalar(f"train/{k}", v, t.iter)
+
+    def write_eval(self, iteration: int, metrics: Dict[str, Any]) -> None:
+        if self._tb is None:
+            return
+        for k, v in _flat_numbers(metrics):
+            self._tb.add_scalar(f"test/{k}", v, iteration)
+        self._tb.flush()
+
+    def after_train(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Checkpointer(HookBase):
+    """Saves ``trainer.state_dict()`` plus ``extra`` atomically every ``period`` iterations and at the end of
+    training (rank 0 writes; every rank waits for it)."""
+
+    def __init__(self, save: Callable[[], None], period: int):
+        self.save, self.period = save, int(period)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if t.iter % self.period == 0 and t.iter < t.max_iter:
+            self.save()
+
+    def after_train(self) -> None:
+        self.save()
+
+
+class PeriodicEval(HookBase):
+    """Evaluates every ``period`` iterations (not at the end: the run evaluates after precise BN) and appends
+    ``{"iter", "metrics"}`` to ``trainer.eval_history``. Evaluation leaves every RNG as it found it, so a run with
+    periodic evaluation trains exactly as one without."""
+
+    def __init__(self, evaluate: Callable[[], Dict[str, Any]], period: int,
+                 on_result: Optional[Callable[[int, Dict[str, Any]], None]] = None):
+        self.evaluate, self.period, self.on_result = evaluate, int(period), on_result
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if self.period <= 0 or t.iter % self.period or t.iter >= t.max_iter:
+            return
+        state = get_rng_states(t.device)
+        metrics = self.evaluate()
+        set_rng_states(state, t.device)
+        t.train_model.train()
+        t.eval_history.append({"iter": t.iter, "metrics": metrics})
+        if self.on_result:
+            self.on_result(t.iter, metrics)
+
+
+class PreciseBN(HookBase):
+    """After training, recompute BN running statistics as true averages over ``num_iter`` training batches
+    (detectron2's PreciseBN), all-reduced over ranks."""
+
+    def __init__(self, num_iter: int, forward: Callable[[nn.Module, Any], Any]):
+        self.num_iter, self.forward = int(num_iter), forward
+
+    def after_train(self) -> None:
+        from moco_zoo.precise_bn import batchnorm_modules, recompute_bn_stats
+
+        t = self.trainer
+        if self.num_iter <= 0 or not batchnorm_modules(t.model):
+            return
+        data = t.batches(t.max_iter)  # batches after the training stream: the same on a resumed run
+        from tqdm.auto import tqdm
+
+        batches = (next(data) for _ in tqdm(range(self.num_iter), desc="precise BN", unit="it",
+                                           disable=not devlib.is_main_process()))
+        state = get_rng_states(t.device)
+        with torch.no_grad():
+            for bn in recompute_bn_stats(t.model, batches, self.forward):
+                if devlib.is_distributed():
+                    for buf in (bn.running_mean, bn.running_var):
+                        dist.all_reduce(buf)
+                        buf /= devlib.world_size()
+        set_rng_states(state, t.device)
+
+
+def _all_reduce_mean(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
     if not devlib.is_distributed():
         return values
     keys = sorted(values)
@@ -84,273 +337,9 @@ def _all_reduce_mean(values: Dict[str, float], device) -> Dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-class DetectionRun:
-    """Fine-tune and test one detector from one backbone ``weights`` spec; outputs go to ``out_dir``."""
-
-    def __init__(self, cfg: Dict[str, Any], weights: str, data_root: str, out_dir: str, *,
-                 resume: Optional[str] = None, eval_only: bool = False):
-        self.cfg = copy.deepcopy(cfg)
-        self.weights = weights
-        self.data_root = data_root
-        self.out_dir = Path(out_dir)
-        self.resume = resume
-        self.eval_only = eval_only
-        self.history: List[Dict[str, float]] = []
-        self.iteration = 0
-
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        cfg = self.cfg
-        self.device = devlib.init_distributed_from_env(None if cfg["device"] == "auto" else cfg["device"])
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg["threads"]))
-        self.rank, self.world = devlib.rank(), devlib.world_size()
-        self.total_batch, self.per_rank, self.lr = effective_batch(cfg, self.world)
-        cfg["resolved"] = {"world_size": self.world, "global_batch": self.total_batch,
-                           "batch_per_rank": self.per_rank, "lr": self.lr, "device": str(self.device)}
-        self.train_set, self.test_set, self.class_names = build_datasets(cfg, self.data_root)
-        model, info = build_detector(
-            len(self.class_names), weights=self.weights, arch=cfg["arch"], detector=cfg["detector"],
-            mask=bool(cfg["mask"]), norm=cfg["norm"], seed=int(cfg["seed"]), allow_pickle=bool(cfg["allow_pickle"]),
-            min_size=cfg["min_size_train"], max_size=cfg["max_size"], anchor_sizes=cfg["anchor_sizes"],
-            anchor_ratios=cfg["anchor_ratios"], rpn_pre_nms_top_n_train=cfg["rpn_pre_nms_top_n_train"],
-            rpn_pre_nms_top_n_test=cfg["rpn_pre_nms_top_n_test"],
-            rpn_post_nms_top_n_train=cfg["rpn_post_nms_top_n_train"],
-            rpn_post_nms_top_n_test=cfg["rpn_post_nms_top_n_test"],
-            rpn_batch_size_per_image=cfg["rpn_batch_size_per_image"],
-            box_batch_size_per_image=cfg["box_batch_size_per_image"],
-            box_detections_per_img=cfg["box_detections_per_img"], box_score_thresh=cfg["box_score_thresh"],
-            box_nms_thresh=cfg["box_nms_thresh"], roi_resolution=cfg["roi_resolution"])
-        self.info = info
-        cfg["resolved"]["arch"] = info.arch
-        model.to(self.device)
-        if cfg["norm"] == "syncbn" and self.world > 1:
-            model = convert_sync_batchnorm(model, self.device)
-        self.model = model
-        self.optimizer = torch.optim.SGD(param_groups(model, cfg["weight_decay"], cfg["weight_decay_norm"]),
-                                         lr=self.lr, momentum=cfg["momentum"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, cfg))
-        self.amp_dtype = devlib.autocast_dtype(self.device, cfg["precision"])
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        if self.resume:
-            path = self._resume_path()
-            if self.resume == "auto" and not path.exists() and not self.eval_only:
-                # `--resume` without a value means "continue if there is something to continue": a fresh start
-                print(f"[{self.weights}] no checkpoint at {path}: starting from iteration 0", flush=True)
-            else:
-                self.load_checkpoint(path)
-        if self.world > 1:
-            kw = {"device_ids": [self.device]} if self.device.type == "cuda" else {}
-            self.ddp = nn.parallel.DistributedDataParallel(
-                model, find_unused_parameters=bool(cfg["find_unused_parameters"]), **kw)
-        else:
-            self.ddp = model
-
-    def _resume_path(self) -> Path:
-        if self.resume in ("auto", "last", True):
-            return self.out_dir / CHECKPOINT_NAME
-        return Path(self.resume)
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self) -> Dict[str, Any]:
-        return {
-            "kind": KIND_TRANSFER, "format_version": FORMAT_VERSION, "task": self.cfg["task"],
-            "weights": self.weights, "arch": self.info.arch, "detector": self.cfg["detector"],
-            "class_names": list(self.class_names), "config": self.cfg,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "iteration": self.iteration, "history": self.history,
-        }
-
-    def save_checkpoint(self) -> Optional[Path]:
-        if not devlib.is_main_process():
-            return None
-        return atomic_torch_save(self.checkpoint_state(), self.out_dir / CHECKPOINT_NAME)
-
-    def load_checkpoint(self, path: Path) -> None:
-        ckpt = safe_torch_load(path)
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND_TRANSFER:
-            raise CheckpointError(f"{path}: not a transfer checkpoint (kind {ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
-        for key in ("task", "detector"):
-            if ckpt.get(key) != self.cfg[key]:
-                raise CheckpointError(f"{path}: checkpoint is for {key} {ckpt.get(key)!r}, this run is {self.cfg[key]!r}")
-        if list(ckpt.get("class_names", [])) != list(self.class_names):
-            raise CheckpointError(f"{path}: checkpoint classes {ckpt.get('class_names')} differ from the dataset's")
-        try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(e).splitlines()[0]})") from e
-        if not self.eval_only:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
-        self.iteration = int(ckpt["iteration"])
-        self.history = list(ckpt.get("history", []))
-        self.resumed_from = str(path)
-
-    # ------------------------------------------------------------------ training
-    def _train_loader(self) -> DataLoader:
-        sampler = InfiniteSampler(len(self.train_set), seed=int(self.cfg["seed"]), rank=self.rank,
-                                  world_size=self.world, start=self.iteration * self.per_rank)
-        workers = int(self.cfg["workers"])
-        return DataLoader(self.train_set, batch_size=self.per_rank, sampler=sampler, collate_fn=collate,
-                          num_workers=workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=workers > 0, drop_last=True)
-
-    def train(self) -> None:
-        cfg = self.cfg
-        total = int(cfg["iters"])
-        if self.iteration >= total:
-            return
-        # Per-rank, per-start RNG: augmentation and scale choices differ across ranks and resumes stay reproducible.
-        torch.manual_seed(int(cfg["seed"]) + 1000 * self.rank + 7919 * self.iteration)
-        loader = iter(self._train_loader())
-        self.ddp.train()
-        _set_sizes(self.model, cfg, train=True)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        bar = _progress(total=total, initial=self.iteration, desc=f"train {self.weights}", unit="it")
-        window: Dict[str, List[float]] = {}
-        t0 = time.time()
-        while self.iteration < total:
-            images, targets = next(loader)
-            images, targets = _to_device(images, targets, self.device)
-            with devlib.autocast(self.device, self.amp_dtype):
-                losses = self.ddp(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration} "
-                                         f"({ {k: float(v) for k, v in losses.items()} }); lower the lr")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.get("clip_grad_norm"):
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(params, float(cfg["clip_grad_norm"]))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-            self.iteration += 1
-            window.setdefault("loss", []).append(float(loss.detach()))
-            for k, v in losses.items():
-                window.setdefault(k, []).append(float(v.detach()))
-            bar.update(1)
-            if self.iteration % int(cfg["log_period"]) == 0 or self.iteration == total:
-                mean = _all_reduce_mean({k: sum(v) / len(v) for k, v in window.items()}, self.device)
-                window = {}
-                entry = {"iter": self.iteration, "lr": lr, **mean}
-                self.history.append(entry)
-                bar.set_postfix(loss=f"{mean['loss']:.3f}", lr=f"{lr:.2e}")
-            if self.iteration % int(cfg["checkpoint_period"]) == 0 and self.iteration < total:
-                self.save_checkpoint()
-        bar.close()
-        self.train_seconds = time.time() - t0
-        self.save_checkpoint()
-
-    @torch.no_grad()
-    def precise_bn(self) -> None:
-        """Recompute BN running statistics as true averages over ``precise_bn_iters`` training batches."""
-        iters = int(self.cfg["precise_bn_iters"])
-        bns = batchnorm_modules(self.model)
-        if iters <= 0 or not bns or self.eval_only:
-            return
-        loader = iter(self._train_loader())
-        _set_sizes(self.model, self.cfg, train=True)
-
-        def forward(model: nn.Module, _: int) -> None:
-            images, targets = _to_device(*next(loader), self.device)
-            with devlib.autocast(self.device, self.amp_dtype):
-                model(images, targets)
-
-        for bn in recompute_bn_stats(self.model, _progress(range(iters), desc="precise BN", unit="it"), forward):
-            if devlib.is_distributed():
-                for buf in (bn.running_mean, bn.running_var):
-                    dist.all_reduce(buf)
-                    buf /= devlib.world_size()
-
-    # ------------------------------------------------------------------ testing
-    @torch.no_grad()
-    def evaluate(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        model = self.model
-        model.eval()
-        _set_sizes(model, cfg, train=False)
-        part = shard(self.test_set, self.rank, self.world, cfg.get("max_test_images"))
-        loader = DataLoader(part, batch_size=int(cfg["test_batch_size"]), collate_fn=collate,
-                            num_workers=min(int(cfg["workers"]), 2))
-        if cfg["task"] == "voc_det":
-            from ..evaluation.voc import VOCEvaluator
-
-            evaluator = VOCEvaluator(self.test_set, self.class_names, use_07_metric=bool(cfg["use_07_metric"]))
-        else:
-            from ..evaluation.coco import CocoEvaluator
-
-            evaluator = CocoEvaluator(self.test_set.coco, ("bbox", "segm") if cfg["mask"] else ("bbox",),
-                                      cat_ids=self.test_set.cat_ids)
-        self.samples = []
-        t0 = time.time()
-        for images, targets in _progress(loader, desc="test", unit="batch"):
-            with devlib.autocast(self.device, self.amp_dtype):
-                outputs = model([im.to(self.device) for im in images])
-            outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
-                       for o in outputs]
-            ids = [t["image_id"] for t in targets]
-            if cfg["task"] == "voc_det":
-                evaluator.update(ids, outputs)
-            else:
-                evaluator.update(dict(zip(ids, outputs)))
-            if devlib.is_main_process() and len(self.samples) < int(cfg["num_vis"]):
-                for im, o in zip(images, outputs):
-                    if len(self.samples) < int(cfg["num_vis"]):
-                        self.samples.append((im, o))
-        metrics = evaluator.compute()
-        self.test_seconds = time.time() - t0
-        n = len(self.test_set) if not cfg.get("max_test_images") else min(len(self.test_set), int(cfg["max_test_images"]))
-        metrics["num_test_images"] = n
-        return metrics
-
-    # ------------------------------------------------------------------ outputs
-    def write_outputs(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
-        result = {
-            "task": self.cfg["task"], "weights": self.weights, "arch": self.info.arch,
-            "detector": self.cfg["detector"], "norm": self.cfg["norm"], "iters": self.iteration,
-            "preset": self.cfg.get("preset"), "metrics": metrics,
-            "train_seconds": round(getattr(self, "train_seconds", 0.0), 1),
-            "test_seconds": round(getattr(self, "test_seconds", 0.0), 1),
-            "out_dir": str(self.out_dir), "checkpoint": str(self.out_dir / CHECKPOINT_NAME),
-            "final_loss": self.history[-1]["loss"] if self.history else None,
-        }
-        if not devlib.is_main_process():
-            return result
-        out = self.out_dir
-        report.write_json(out / "metrics.json", result)
-        report.write_json(out / "history.json", self.history)
-        table = report.markdown_table(self.cfg["task"], [result])
-        md = [f"# {self.cfg['task']}: {self.weights}", "",
-              f"{self.info.arch} {self.cfg['detector'].upper()} {'Mask' if self.cfg['mask'] else 'Faster'} R-CNN, "
-              f"norm {self.cfg['norm']}, preset {self.cfg.get('preset')}, {self.iteration} iterations, global batch "
-              f"{self.total_batch}, lr {self.lr:g}, {self.world} process(es), {metrics.get('num_test_images')} test "
-              f"images.", "", table]
-        if self.cfg["task"] == "voc_det" and isinstance(metrics.get("per_class"), dict):
-            md += ["", "| class | AP50 |", "|---|---|"]
-            for name, v in metrics["per_class"].items():
-                val = v.get("AP50") if isinstance(v, dict) else v
-                md.append(f"| {name} | {'-' if val is None else f'{float(val):.1f}'} |")
-        report.atomic_write_text(out / "results.md", "\n".join(md) + "\n")
-        report.plot_losses(self.history, out / "loss_curve.png", title=f"{self.cfg['task']} {self.weights}")
-        for i, (im, o) in enumerate(self.samples):
-            report.save_image(report.draw_prediction(im, o, self.class_names, float(self.cfg["vis_score_thresh"])),
-                              out / "predictions" / f"sample_{i:02d}.png")
-        return result
-
-    def run(self) -> Dict[str, Any]:
-        self.setup()
-        if devlib.is_main_process():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            report.atomic_write_text(self.out_dir / "config.json",
-                                     dump({**self.cfg, "weights": self.weights, "data_root": str(self.data_root)}))
-        if not self.eval_only:
-            self.train()
-            self.precise_bn()
-        metrics = self.evaluate()
-        return self.write_outputs(metrics)
+def _flat_numbers(obj: Any, prefix: str = ""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flat_numbers(v, f"{prefix}{k}/" if not isinstance(v, (int, float)) else f"{prefix}{k}")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and math.isfinite(obj):
+        yield prefix.rstrip("/"), float(obj)

@@ -6,7 +6,7 @@ Usage::
     for images, targets in loader:
         outputs = model(images)                       # boxes xyxy in original image coordinates
         ev.update({t["image_id"]: o for t, o in zip(targets, outputs)})
-    metrics = ev.compute()                            # {"bbox": {"AP": ..., ...}, "segm": {...}}
+    metrics = ev.evaluate()                            # {"bbox": {"AP": ..., ...}, "segm": {...}}
 
 Predictions: ``boxes`` Nx4 xyxy, ``scores`` N, ``labels`` N contiguous (1..C, mapped to COCO category ids with
 ``cat_ids[label]``), optional ``masks`` (N x 1 x H x W float probabilities, thresholded at 0.5, or N x H x W bool /
@@ -24,6 +24,8 @@ from typing import Any, Dict, Hashable, Iterable, List, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from .base import DatasetEvaluator
 
 from .voc import _gather_objects, _np
 
@@ -73,7 +75,7 @@ def encode_masks(masks: Any, threshold: float = 0.5) -> List[Dict[str, Any]]:
     return rles
 
 
-class CocoEvaluator:
+class CocoEvaluator(DatasetEvaluator):
     """Collects COCO-format results per iou type and evaluates them with ``COCOeval`` (see module docstring)."""
 
     def __init__(self, coco_gt, iou_types: Iterable[str] = IOU_TYPES, cat_ids=None, mask_threshold: float = 0.5):
@@ -134,6 +136,9 @@ class CocoEvaluator:
                     {"image_id": image_id, "category_id": c, "segmentation": r, "score": float(s)}
                     for c, r, s in zip(cats, rles, scores))
 
+    def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        self.update({t["image_id"]: o for t, o in zip(targets, outputs)})
+
     def _gathered(self):
         results = {t: [] for t in self.iou_types}
         img_ids: set = set()
@@ -157,7 +162,7 @@ class CocoEvaluator:
             dt.createIndex()
         return dt
 
-    def compute(self) -> Dict[str, Dict[str, float]]:
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
         """``{iou_type: {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}}`` (x100) on every rank."""
         from pycocotools.cocoeval import COCOeval
 

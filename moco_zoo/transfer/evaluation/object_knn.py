@@ -110,7 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("-t", type=float, default=0.07, help="softmax temperature of the votes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random init")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--out", default="runs/voc_object_knn", help="output directory (default: %(default)s)")
+    p.add_argument("--output-dir", "--out", dest="out", default="runs/voc_object_knn",
+                   help="output directory (default: %(default)s; --out is a deprecated alias)")
     p.add_argument("--allow-pickle", action="store_true", help="allow fully unpickling trusted weights files")
     args = p.parse_args(argv)
     try:

@@ -39,6 +39,8 @@ from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 
+from .base import DatasetEvaluator
+
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())
 
 
@@ -239,13 +241,13 @@ def _gather_objects(obj: Any) -> List[Any]:
     return out
 
 
-class VOCEvaluator:
+class VOCEvaluator(DatasetEvaluator):
     """Accumulates predictions batch by batch and computes :func:`evaluate_voc` (DDP-aware).
 
     ``ground_truths``: ``{image_id: dict(boxes, labels, difficult)}`` or any object with a ``ground_truths()`` method
     returning that (``moco_zoo.data.voc.VOCDetection``). Only images passed to :meth:`update` (on any rank) are
     evaluated, so evaluating a subset of the test set counts only that subset's ground truth. Predictions must be in
-    original image coordinates. :meth:`compute` gathers every rank's predictions with ``all_gather_object`` and returns
+    original image coordinates. :meth:`evaluate` gathers every rank's predictions with ``all_gather_object`` and returns
     the same metrics on every rank (it must therefore be called on all ranks).
     """
 
@@ -274,13 +276,16 @@ class VOCEvaluator:
                 "labels": _np(out["labels"], np.int64).reshape(-1),
             }
 
+    def process(self, targets: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
+        self.update([t["image_id"] for t in targets], outputs)
+
     def gathered_predictions(self) -> Dict[Hashable, Dict[str, np.ndarray]]:
         merged: Dict[Hashable, Dict[str, np.ndarray]] = {}
         for part in _gather_objects(self._predictions):
             merged.update(part)
         return merged
 
-    def compute(self) -> Dict[str, Any]:
+    def evaluate(self) -> Dict[str, Any]:
         preds = self.gathered_predictions()
         gts = {k: self.ground_truths[k] for k in self.ground_truths if k in preds}
         return evaluate_voc(preds, gts, self.class_names, use_07_metric=self.use_07_metric)

@@ -1,15 +1,12 @@
-"""Segmentation data: VOC datasets, train augmentation (random rescale, pad, crop, flip), infinite sharded sampler."""
+"""Segmentation training augmentation: random rescale, pad, crop, flip of (image, mask) pairs."""
 from __future__ import annotations
 
-import math
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Sampler, Subset
 
-from moco_zoo.data.voc import VOC_IGNORE_INDEX, VOCSegmentation
+from moco_zoo.data.voc import VOC_IGNORE_INDEX
 
 
 class SegTrainTransform:
@@ -46,70 +43,3 @@ class SegTrainTransform:
         if float(torch.rand(())) < self.flip_prob:
             image, mask = image.flip(-1), mask.flip(-1)
         return image.contiguous(), mask.contiguous()
-
-
-class InfiniteShardedSampler(Sampler):
-    """Endless stream of dataset indices for this rank: a fresh seeded permutation per epoch, ranks take disjoint
-    interleaved slices. ``start`` skips that many of this rank's indices (resuming mid-schedule)."""
-
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0):
-        if size < 1:
-            raise ValueError("cannot sample from an empty dataset")
-        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world_size, start
-
-    def __iter__(self) -> Iterator[int]:
-        per_epoch = math.ceil(self.size / self.world)
-        epoch, offset = divmod(self.start, per_epoch)
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            perm = torch.randperm(self.size, generator=g).tolist()
-            perm += perm[: per_epoch * self.world - self.size]  # pad so every rank gets per_epoch indices
-            mine = perm[self.rank::self.world]
-            yield from mine[offset:]
-            offset = 0
-            epoch += 1
-
-    def __len__(self) -> int:  # pragma: no cover - infinite
-        return 2 ** 62
-
-
-def split_sets(items: Sequence[str]) -> List[Tuple[str, str]]:
-    out = []
-    for item in items:
-        for sep in (":", "-", "_"):
-            if sep in item:
-                y, s = item.split(sep, 1)
-                out.append((y, s))
-                break
-        else:
-            raise ValueError(f"image set {item!r}: expected YEAR-split, e.g. 2012-train")
-    return out
-
-
-def build_datasets(cfg: Dict[str, Any], data_root: str):
-    """``(train, val)`` VOCSegmentation datasets; ``data_root`` is the VOCdevkit directory or its parent."""
-    root = Path(data_root)
-    if (root / "VOCdevkit").is_dir() and not any(root.glob("VOC20*")):
-        root = root / "VOCdevkit"
-    data_root = str(root)
-    train = VOCSegmentation(data_root, split_sets(cfg["train_sets"]), mask_dir=cfg["mask_dir"],
-                            transforms=SegTrainTransform(cfg["crop_size"], cfg["scale_range"], cfg["flip_prob"]))
-    val = VOCSegmentation(data_root, split_sets(cfg["val_sets"]), class_names=train.class_names,
-                          mask_dir=cfg["mask_dir"])
-    if cfg.get("max_train_images"):
-        train = _subset(train, cfg["max_train_images"])
-    if cfg.get("max_test_images"):
-        val = _subset(val, cfg["max_test_images"])
-    return train, val
-
-
-def _subset(ds, n: int):
-    sub = Subset(ds, list(range(min(n, len(ds)))))
-    sub.class_names = ds.class_names
-    sub.num_classes = ds.num_classes
-    return sub
-
-
-def collate_stack(batch):
-    images, masks = zip(*batch)
-    return torch.stack(images), torch.stack(masks)

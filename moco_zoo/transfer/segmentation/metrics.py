@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..evaluation.base import DatasetEvaluator
+
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = 255) -> torch.Tensor:
@@ -58,10 +60,12 @@ def segmentation_scores(confusion, class_names: Optional[Sequence[str]] = None) 
     }
 
 
-class SegmentationMeter:
-    """Accumulates a confusion matrix batch by batch; :meth:`compute` sums it over DDP ranks (all_reduce)."""
+class SegmentationMeter(DatasetEvaluator):
+    """Accumulates a confusion matrix batch by batch; :meth:`evaluate` sums it over DDP ranks (all_reduce)."""
 
-    def __init__(self, num_classes: int, class_names: Optional[Sequence[str]] = None, ignore_index: int = 255):
+    def __init__(self, num_classes: int, class_names: Optional[Sequence[str]] = None, ignore_index: int = 255,
+                 device: Optional[torch.device] = None):
+        self.device = device  # where the confusion matrix is all-reduced (nccl needs CUDA tensors)
         self.num_classes = num_classes
         self.class_names: List[str] = list(class_names) if class_names is not None else [str(i) for i in
                                                                                            range(num_classes)]
@@ -74,6 +78,11 @@ class SegmentationMeter:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         self.confusion += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
 
+    def process(self, targets, outputs) -> None:
+        """``targets``: HxW ground-truth masks (255 = ignore); ``outputs``: HxW predicted class maps."""
+        for mask, pred in zip(targets, outputs):
+            self.update(pred, mask)
+
     def reduced_confusion(self, device: Optional[torch.device] = None) -> torch.Tensor:
         import torch.distributed as dist
 
@@ -84,8 +93,8 @@ class SegmentationMeter:
             conf = t.cpu()
         return conf
 
-    def compute(self, device: Optional[torch.device] = None) -> Dict[str, object]:
-        conf = self.reduced_confusion(device)
+    def evaluate(self) -> Dict[str, object]:
+        conf = self.reduced_confusion(self.device)
         out = segmentation_scores(conf, self.class_names)
         out["confusion"] = conf.tolist()
         return out

@@ -1,0 +1,75 @@
+"""moco_zoo.transfer.engine: lr schedules, the seeded resumable sampler, exact resume, periodic evaluation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moco_zoo.transfer.config import resolve
+from moco_zoo.transfer.engine import TransferRun, lr_factor
+from moco_zoo.transfer.engine.data import InfiniteSampler
+
+SMALL_DET = dict(arch="resnet18", batch_size=2, max_test_images=2, log_period=1, checkpoint_period=3, num_vis=0,
+                 detector="c4", box_batch_size_per_image=16, rpn_post_nms_top_n_test=30, box_detections_per_img=10,
+                 min_size_train=[96, 112], min_size_test=112, threads=1)
+SMALL_SEG = dict(arch="resnet18", batch_size=2, max_test_images=2, log_period=1, checkpoint_period=3, num_vis=0,
+                 crop_size=48, head_channels=16, threads=1)
+
+
+def test_lr_schedules():
+    step = {"lr_schedule": "step", "gamma": 0.1, "steps": [10, 20], "warmup_iters": 4, "warmup_factor": 0.001,
+            "iters": 30, "poly_power": 0.9}
+    assert lr_factor(0, step) == pytest.approx(0.001)
+    assert lr_factor(2, step) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(4, step) == 1.0 and lr_factor(9, step) == 1.0
+    assert lr_factor(10, step) == pytest.approx(0.1) and lr_factor(25, step) == pytest.approx(0.01)
+    poly = dict(step, lr_schedule="poly", warmup_iters=0)
+    assert lr_factor(15, poly) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(0, dict(step, steps=[30, 40])) == pytest.approx(0.001)  # steps past the end never happen
+
+
+def test_sampler_shards_an_epoch_and_resumes_with_the_same_seeds():
+    take = lambda s, n: [next(it) for it in [iter(s)] for _ in range(n)]  # noqa: E731
+    a = take(InfiniteSampler(10, seed=3, rank=0, world_size=2), 5)
+    b = take(InfiniteSampler(10, seed=3, rank=1, world_size=2), 5)
+    assert sorted(i for i, _ in a + b) == list(range(10))  # one epoch split between the ranks
+    assert len({s for _, s in a + b}) == 10  # every sample has its own augmentation seed
+    full = take(InfiniteSampler(10, seed=3), 25)
+    assert take(InfiniteSampler(10, seed=3, start=13), 12) == full[13:]
+
+
+def _interrupted_then_resumed(cfg, data, out, stop_at):
+    run = TransferRun(cfg, "random", str(data), str(out))
+    run.setup()
+    run.trainer.max_iter = stop_at  # as if killed right after the checkpoint of iteration `stop_at`
+    run.trainer.train()
+    return TransferRun(cfg, "random", str(data), str(out), resume="auto").run()
+
+
+@pytest.mark.parametrize("task,small,workers", [("voc_det", SMALL_DET, 0), ("voc_seg", SMALL_SEG, 1)])
+def test_resume_is_bit_identical(synthetic_voc, tmp_path, task, small, workers):
+    cfg = resolve(task, "cpu", flags={"iters": 6, "workers": workers}, overrides=small)
+    straight = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / "straight")).run()
+    resumed = _interrupted_then_resumed(cfg, synthetic_voc, tmp_path / "resumed", stop_at=4)
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["history"] == b["history"] and straight["metrics"] == resumed["metrics"]
+
+
+def test_periodic_evaluation_records_curves_without_changing_training(synthetic_voc, tmp_path):
+    cfg = resolve("voc_det", "cpu", flags={"iters": 4, "workers": 0}, overrides=SMALL_DET)
+    plain = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / "plain")).run()
+    cfg.eval_period = 2
+    curve = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / "curve")).run()
+    assert [e["iter"] for e in curve["eval_history"]] == [2]
+    assert set(curve["eval_history"][0]["metrics"]) >= {"AP50", "AP", "AP75"}
+    assert curve["metrics"] == plain["metrics"] and curve["final_loss"] == plain["final_loss"]
+    saved = json.loads((tmp_path / "curve" / "metrics.json").read_text())
+    assert saved["eval_history"] == curve["eval_history"]
+    assert (tmp_path / "curve" / "eval_curve.png").stat().st_size > 1000
