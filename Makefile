@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py
 ## The main job on the embedded synthetic data (FAST=1: a few-minute smoke version; COCO=1 / SEG=1 add the COCO
 ## Mask R-CNN and VOC segmentation stages to the full run, about 3 and 1 extra minutes).
 demo: venv
-	$(PY) -m moco_zoo.demo --out demo_out $(if $(filter 1,$(FAST)),--fast,) $(if $(filter 1,$(COCO)),--coco,) \
+	$(PY) -m tools.demo --output-dir demo_out $(if $(filter 1,$(FAST)),--fast,) $(if $(filter 1,$(COCO)),--coco,) \
 		$(if $(filter 1,$(SEG)),--seg,)
 
 ## The default test suite (slow tests excluded), the same command CI runs.

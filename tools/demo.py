@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from moco_zoo.checkpoint import atomic_write_text
 
@@ -68,6 +68,8 @@ class Profile:
     coco_iters: int = 80
     seg_iters: int = 100
     max_test_images: int = 160  # all VOC2007 test images of the demo set: 60 left AP differences at noise level
+    transfer_seeds: Tuple[int, ...] = (0, 1, 2)  # each seed: head init, data order, augmentation, random backbone
+    eval_period: int = 50  # test points of the learning curves
     # COCO Mask R-CNN and VOC segmentation do not fit a meaningful budget into ~15 min on 2 cores (80 / 100
     # iterations gave box/mask AP < 1 and background-only masks for both backbones), so the full profile leaves them
     # to --coco / --seg; the fast profile runs them as smoke tests of the same path.
@@ -79,7 +81,8 @@ PROFILES: Dict[str, Profile] = {
     "full": Profile(),
     "fast": Profile(imagefolder_images=400, voc_images=48, coco_images=40, pretrain_epochs=2, moco_k=256,
                     batch_size=64, knn_every=1, run_coco=True, run_seg=True,
-                    lincls_epochs=2, det_iters=20, coco_iters=10, seg_iters=10, max_test_images=12),
+                    lincls_epochs=2, det_iters=20, coco_iters=10, seg_iters=10, max_test_images=12,
+                    transfer_seeds=(0, 1), eval_period=10),
 }
 
 
@@ -121,7 +124,9 @@ def run_command(cmd: Sequence[str], log: Path, env: Optional[Dict[str, str]] = N
 
 
 def _comparison_summary(rows: Sequence[Dict[str, Any]]) -> str:
-    """``AP50/AP/AP75 MoCo a/b/c vs random d/e/f`` (or box/mask AP, mIoU) from a transfer comparison.json."""
+    """``AP50/AP/AP75 MoCo a/b/c vs random d/e/f`` (or box/mask AP, mIoU) from a transfer comparison.json; with
+    several seeds per weights, the means."""
+    rows = _mean_over_seeds(rows)
     def fmt(m: Dict[str, Any]) -> str:
         if "AP50" in m:
             return "/".join(f"{m[k]:.1f}" for k in ("AP50", "AP", "AP75"))
@@ -134,6 +139,23 @@ def _comparison_summary(rows: Sequence[Dict[str, Any]]) -> str:
             else "mIoU" if "mIoU" in first else "metrics")
     parts = [f"{'random' if r['weights'] == 'random' else 'MoCo'} {fmt(r['metrics'])}" for r in rows]
     return f"{what} " + " vs ".join(parts)
+
+
+def _mean_over_seeds(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per weights whose metrics are the means over that weights' runs (nested dicts averaged leafwise)."""
+    import statistics
+
+    def mean(values: List[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            return {k: mean([v[k] for v in values]) for k in values[0] if all(k in v for v in values)}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return statistics.fmean(values)
+        return values[0]
+
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["weights"], []).append(r)
+    return [{"weights": w, "metrics": mean([r["metrics"] for r in g])} for w, g in groups.items()]
 
 
 class StageBook:
@@ -272,7 +294,7 @@ class Demo:
         hub_dir = self.out / "hub" / DEMO_REPO_ID.replace("/", "__")
         from moco_zoo.testing import LocalHubServer
 
-        check = _python("-m", "moco_zoo.demo", "--check-hub-load", DEMO_REPO_ID, "--checkpoint", checkpoint)
+        check = _python("-m", "tools.demo", "--check-hub-load", DEMO_REPO_ID, "--checkpoint", checkpoint)
         base_env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_DISABLE_XET": "1",
                     "HF_HUB_DISABLE_TELEMETRY": "1"}
         with LocalHubServer() as endpoint:
@@ -319,17 +341,20 @@ class Demo:
         self.run(stage, _python(
             f"transfer/{script}", "--data-root", str(data_root), "--weights", checkpoint, "random",
             "--preset", "cpu", "--arch", self.p.arch, "--iters", str(iters),
-            "--max-test-images", str(self.p.max_test_images), "--out", str(out), "--resume", *extra))
+            "--seeds", *map(str, self.p.transfer_seeds), "--eval-period", str(self.p.eval_period),
+            "--max-test-images", str(self.p.max_test_images), "--output-dir", str(out), "--resume", *extra))
         rows = json.loads((out / "comparison.json").read_text())
+        curves = out / "curves.png"
         return {"summary": _comparison_summary(rows) + f" (table: {out / 'comparison.md'})", "rows": rows,
-                "table": str(out / "comparison.md"), "out_dir": str(out)}
+                "table": str(out / "comparison.md"), "out_dir": str(out),
+                "curves": str(curves) if curves.is_file() else None}
 
     def object_knn(self, checkpoint: str) -> Dict[str, Any]:
         """Frozen-feature kNN on the VOC test objects (crops at the pretraining resolution), MoCo vs random init."""
         out = self.out / "voc_object_knn"
         self.run("voc_object_knn", _python(
             "transfer/voc_object_knn.py", "--data-root", str(self.voc_devkit), "--weights", checkpoint, "random",
-            "--arch", self.p.arch, "--crop-size", str(self.p.image_size), "--out", str(out)))
+            "--arch", self.p.arch, "--crop-size", str(self.p.image_size), "--output-dir", str(out)))
         rows = json.loads((out / "object_knn.json").read_text())
         top1 = {("random" if r["weights"] == "random" else "moco"): r["metrics"]["knn_top1"] for r in rows}
         return {"summary": f"VOC object kNN top-1 MoCo {top1['moco']:.1f} vs random {top1['random']:.1f}",
@@ -356,7 +381,7 @@ class Demo:
         if self.p.run_seg:
             self.stage("voc_seg", lambda: self.transfer("voc_seg.py", "voc_seg", self.voc_devkit,
                                                         self.p.seg_iters, ckpt))
-        from moco_zoo.demo_report import write_report
+        from tools.demo_report import write_report
 
         report = write_report(self.out, self.book.data, self.p, time.time() - t0)
         print(f"\n[demo] report: {report}", flush=True)
@@ -403,7 +428,8 @@ def select_profile(name: str, coco: Optional[bool] = None, seg: Optional[bool] =
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="demo_out", help="output directory (reruns continue where they stopped)")
+    ap.add_argument("--output-dir", "--out", dest="out", default="demo_out",
+                    help="output directory (reruns continue where they stopped)")
     ap.add_argument("--fast", action="store_true", help="few-minute smoke version of the same pipeline")
     ap.add_argument("--coco", action=argparse.BooleanOptionalAction, default=None,
                     help="COCO detection + instance segmentation stage (default: on with --fast, off in the full "

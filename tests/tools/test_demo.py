@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from moco_zoo.demo import _comparison_summary, select_profile
-from moco_zoo.demo_report import COLUMNS, results_table
+from tools.demo import _comparison_summary, select_profile
+from tools.demo_report import COLUMNS, results_table
 
 
 def _table_rows(report: str) -> dict:
@@ -34,7 +35,9 @@ def test_results_table_reads_stage_outputs():
         "coco_det": {"rows": [{"weights": "/x/ckpt.pth", "metrics": {"bbox": {"AP": 7.0}, "segm": {"AP": 6.0}}},
                               {"weights": "random", "metrics": {"bbox": {"AP": 2.0}, "segm": {"AP": 1.5}}}]},
     }
+    stages["voc_det"]["rows"].append({"weights": "random", "metrics": {"AP50": 14.0, "AP": 5.0, "AP75": 2.0}})
     rows = results_table(stages)
+    assert rows["random init"]["VOC AP50"] == 12.0  # the mean over the two seeds
     assert rows["MoCo v2"]["linear top-1"] == 40.0 and rows["random init"]["kNN top-1"] == 15.0
     assert rows["MoCo v2"]["VOC AP75"] == 9.0 and rows["random init"]["COCO mask AP"] == 1.5
     assert rows["MoCo v2"]["VOC object kNN"] == 24.5 and rows["random init"]["VOC object kNN"] == 16.0
@@ -53,7 +56,7 @@ def test_optional_stages_follow_the_profile_unless_overridden():
 def test_demo_fast_end_to_end(tmp_path):
     out = tmp_path / "demo_out"
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "moco_zoo.demo", "--fast", "--out", str(out)], cwd=root,
+    proc = subprocess.run([sys.executable, "-m", "tools.demo", "--fast", "--output-dir", str(out)], cwd=root,
                           capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "REPORT.md").read_text()
@@ -61,14 +64,19 @@ def test_demo_fast_end_to_end(tmp_path):
     # every number in the report equals the one in the files the stages wrote
     lin_moco = json.loads((out / "lincls" / "moco" / "metrics.json").read_text())
     voc_rows = json.loads((out / "voc_det" / "comparison.json").read_text())
-    voc = {("random" if r["weights"] == "random" else "moco"): r["metrics"] for r in voc_rows}
+    voc = {}
+    for r in voc_rows:
+        voc.setdefault("random" if r["weights"] == "random" else "moco", []).append(r["metrics"])
     rows = _table_rows(report)
-    detector = select_profile("fast").det_detector  # the demo passes its detector through to transfer/voc_det.py
-    assert {r["detector"] for r in voc_rows} == {detector}
-    assert f"resnet18-{detector.upper()} Faster R-CNN" in report
+    profile = select_profile("fast")
+    assert {r["model"] for r in voc_rows} == {f"{profile.det_detector.upper()} Faster R-CNN"}
+    assert f"resnet18 {profile.det_detector.upper()} Faster R-CNN" in report
+    assert sorted(r["seed"] for r in voc_rows) == sorted(list(profile.transfer_seeds) * 2)
     assert rows["MoCo v2"]["linear top-1"] == f"{lin_moco['top1']:.1f}"
-    assert rows["random init"]["VOC AP50"] == f"{voc['random']['AP50']:.1f}"
-    assert rows["MoCo v2"]["VOC AP"] == f"{voc['moco']['AP']:.1f}"
+    for name, key in (("random init", "random"), ("MoCo v2", "moco")):
+        ap50 = [m["AP50"] for m in voc[key]]
+        assert rows[name]["VOC AP50"] == f"{statistics.fmean(ap50):.1f} ± {statistics.stdev(ap50):.1f}"
+    assert (out / "voc_det" / "curves.png").stat().st_size > 1000 and "voc_det learning curves" in report
     obj = {("random" if r["weights"] == "random" else "moco"): r["metrics"]
            for r in json.loads((out / "voc_object_knn" / "object_knn.json").read_text())}
     assert rows["MoCo v2"]["VOC object kNN"] == f"{obj['moco']['knn_top1']:.1f}"
@@ -78,7 +86,7 @@ def test_demo_fast_end_to_end(tmp_path):
         assert (out / "converted" / fmt).stat().st_size > 0
     assert re.search(r"MoCo beats random init on \d+ of \d+ metrics", report)
     # a second invocation resumes: every stage is already done and nothing is recomputed
-    again = subprocess.run([sys.executable, "-m", "moco_zoo.demo", "--fast", "--out", str(out)], cwd=root,
+    again = subprocess.run([sys.executable, "-m", "tools.demo", "--fast", "--output-dir", str(out)], cwd=root,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already done") == len(book["stages"])
     assert len(COLUMNS) >= 8
@@ -92,3 +100,5 @@ def test_comparison_summary_formats_each_transfer_metric():
     assert _comparison_summary(coco) == "box/mask AP random 0.2/0.0"
     seg = [{"weights": "c.pth", "metrics": {"mIoU": 12.34}}]
     assert _comparison_summary(seg) == "mIoU MoCo 12.3"
+    seeds = [{"weights": "random", "metrics": {"mIoU": 10.0}}, {"weights": "random", "metrics": {"mIoU": 20.0}}]
+    assert _comparison_summary(seeds) == "mIoU random 15.0"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -30,25 +31,42 @@ def _dig(d: Any, path: Sequence[str]) -> Optional[float]:
     return float(d) if isinstance(d, (int, float)) else None
 
 
-def results_table(stages: Dict[str, Any]) -> Dict[str, Dict[str, Optional[float]]]:
-    """{"MoCo v2": {column: value}, "random init": {...}} from the stage summaries."""
-    rows: Dict[str, Dict[str, Optional[float]]] = {"MoCo v2": {}, "random init": {}}
+def results_values(stages: Dict[str, Any]) -> Dict[str, Dict[str, List[float]]]:
+    """{"MoCo v2": {column: [value per run]}, "random init": {...}} from the stage summaries (transfer stages run
+    several seeds per backbone)."""
+    rows: Dict[str, Dict[str, List[float]]] = {"MoCo v2": {}, "random init": {}}
     for column, stage, path in COLUMNS:
         s = stages.get(stage)
         if s is None:
             continue
         if stage == "lincls":
-            rows["MoCo v2"][column] = _dig(s.get("moco"), path)
-            rows["random init"][column] = _dig(s.get("random"), path)
-            continue
-        for r in s.get("rows", []):
-            key = "random init" if r.get("weights") == "random" else "MoCo v2"
-            rows[key][column] = _dig(r.get("metrics"), path)
+            pairs = [("MoCo v2", s.get("moco")), ("random init", s.get("random"))]
+        else:
+            pairs = [("random init" if r.get("weights") == "random" else "MoCo v2", r.get("metrics"))
+                     for r in s.get("rows", [])]
+        for key, metrics in pairs:
+            value = _dig(metrics, path)
+            if value is not None:
+                rows[key].setdefault(column, []).append(value)
     return rows
+
+
+def results_table(stages: Dict[str, Any]) -> Dict[str, Dict[str, Optional[float]]]:
+    """{"MoCo v2": {column: mean over runs}, "random init": {...}}."""
+    return {name: {c: statistics.fmean(v) for c, v in cols.items()} for name, cols in results_values(stages).items()}
 
 
 def _fmt(v: Optional[float], digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_runs(values: Optional[List[float]]) -> str:
+    """``mean`` for one run, ``mean +- std`` (sample std) over several."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _rel(path: str, base: Path) -> str:
@@ -65,13 +83,15 @@ def _pngs(directory: Optional[str], per_run: int = 4) -> List[Path]:
         return []
     out: List[Path] = []
     for run in sorted(d for d in Path(directory).iterdir() if d.is_dir()):
-        out += sorted(run.rglob("*.png"), key=lambda p: (p.parent != run, str(p)))[:per_run]
+        first_seed = next((d for d in sorted(run.iterdir()) if d.is_dir() and d.name.startswith("seed")), run)
+        out += sorted(first_seed.rglob("*.png"), key=lambda p: (p.parent != first_seed, str(p)))[:per_run]
     return out
 
 
 def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: float) -> Path:
     stages: Dict[str, Any] = book["stages"]
     rows = results_table(stages)
+    values = results_values(stages)
     cols = [c for c, _, _ in COLUMNS if any(rows[r].get(c) is not None for r in rows)]
     lines = [
         "# moco-zoo demo report",
@@ -86,11 +106,15 @@ def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: fl
         "|---|" + "---|" * len(cols),
     ]
     for name, vals in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(c)) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt_runs(values[name].get(c)) for c in cols) + " |")
     wins = [c for c in cols if rows["MoCo v2"].get(c) is not None and rows["random init"].get(c) is not None
             and rows["MoCo v2"][c] > rows["random init"][c]]
     compared = [c for c in cols if rows["MoCo v2"].get(c) is not None and rows["random init"].get(c) is not None]
-    lines += ["", f"MoCo beats random init on {len(wins)} of {len(compared)} metrics"
+    seeds = sorted({len(v) for name in values for c, v in values[name].items() if c.startswith(("VOC AP", "COCO", "VOC seg"))})
+    if seeds and max(seeds) > 1:
+        lines += ["", f"Transfer columns: mean ± std over {max(seeds)} fine-tuning seeds (each seed changes the head "
+                      "init, the data order, the augmentation and the random backbone); the others are single runs."]
+    lines += ["", f"MoCo beats random init on {len(wins)} of {len(compared)} metrics (means)"
                   + (f" (not on: {', '.join(c for c in compared if c not in wins)})." if len(wins) < len(compared)
                      else "."), ""]
     skipped = [what for on, what in (
@@ -112,8 +136,8 @@ def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: fl
                   "new detection heads learn in the fine-tuning budget.", ""]
     det_rows = (stages.get("voc_det") or {}).get("rows") or []
     r = det_rows[0] if det_rows else {}
-    if r.get("detector"):
-        lines += [f"VOC detection: {r.get('arch')}-{str(r['detector']).upper()} Faster R-CNN, every layer "
+    if r.get("model"):
+        lines += [f"VOC detection: {r.get('arch')} {r['model']}, every layer "
                   f"fine-tuned for {r.get('iters')} iterations (`transfer/voc_det.py --preset cpu`; the exact command "
                   "is in `logs/voc_det.log`), tested on the VOC2007 test images; AP50 is the VOC07 11-point metric.",
                   ""]
@@ -132,6 +156,9 @@ def write_report(out: Path, book: Dict[str, Any], profile: Any, wall_seconds: fl
         s = stages.get(stage)
         if not s:
             continue
+        if s.get("curves") and Path(s["curves"]).exists():
+            lines.append(f"![{stage} learning curves, MoCo vs random init, mean ± std over seeds]"
+                         f"({_rel(s['curves'], out)})")
         for png in _pngs(s.get("out_dir")):
             lines.append(f"![{stage} {png.parent.name} {png.stem}]({_rel(str(png), out)})")
     lines.append("")
