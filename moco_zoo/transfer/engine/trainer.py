@@ -217,6 +217,7 @@ class MetricsWriter(HookBase):
         t = self.trainer
         if devlib.is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_jsonl(t.iter)
             if self.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -225,6 +226,22 @@ class MetricsWriter(HookBase):
 
         self._bar = tqdm(total=t.max_iter, initial=t.iter, desc=self.desc, unit="it", dynamic_ncols=True,
                          disable=not devlib.is_main_process())
+
+    def _truncate_jsonl(self, iteration: int) -> None:
+        """A resumed run drops the lines logged after its checkpoint (they are logged again)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("iter", 0) <= iteration:
+                    keep.append(line)
+            except ValueError:  # a line cut by a kill
+                continue
+        from moco_zoo.checkpoint import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def after_step(self) -> None:
         t = self.trainer
