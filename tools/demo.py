@@ -92,7 +92,7 @@ PROFILES: Dict[str, Profile] = {
 def _fast_cpu_flags() -> List[str]:
     """Autocast where it pays (``--precision auto``: bf16 on CPUs with native bf16, ~1.8x the fp32 step there, see
     bench/RESULTS.md; bf16/fp16 on CUDA; fp32 elsewhere) and channels_last whenever autocast is on. The same rule
-    as ``pretrain/compare.py``."""
+    as ``tools/compare_mechanisms.py``."""
     from moco_zoo.device import autocast_dtype, default_device
 
     amp = autocast_dtype(default_device(), "auto")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from moco_zoo.data.voc import VOCDetection
 from moco_zoo.transfer.evaluation.object_knn import crop_batches, main, object_crops, object_knn
-from moco_zoo.transfer.modeling.detector import IMAGENET_MEAN, IMAGENET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 
 def _objects_from_xml(devkit, year="2007", split="test"):

@@ -17,10 +17,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from moco_zoo.data.voc import VOCDetection
 from moco_zoo.pretrain.knn import extract_features, knn_accuracy, recalibrate_bn
-from moco_zoo.transfer.modeling.detector import IMAGENET_MEAN, IMAGENET_STD
 
 
 def object_crops(dataset: VOCDetection, crop_size: int = 64) -> Iterator[Tuple[torch.Tensor, int]]:
@@ -30,7 +30,7 @@ def object_crops(dataset: VOCDetection, crop_size: int = 64) -> Iterator[Tuple[t
     Boxes are 0-based xyxy floats (pixel ``x`` covers ``[x, x + 1)``); the crop covers the box's whole pixels and is
     resized with antialiasing (bilinear), as PIL's ``resize`` would.
     """
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     for i in range(len(dataset)):
         image, target = dataset[i]  # 3xHxW in [0, 1]
         for box, label, difficult in zip(target["boxes"], target["labels"], target["difficult"]):

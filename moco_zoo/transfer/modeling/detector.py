@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -27,9 +28,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from .backbone import BackboneInfo, build_resnet, stage_channels
 from .norm import norm_layer
 
-# ImageNet statistics on [0, 1] RGB: the detectron2 PIXEL_MEAN/STD of the MoCo configs divided by 255.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DETECTORS = ("c4", "fpn")
 
 
@@ -140,7 +138,7 @@ def build_detector(
     n_anchors = anchors.num_anchors_per_location()[0]
     common = dict(
         min_size=tuple(int(s) for s in min_size), max_size=int(max_size),
-        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD),
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,

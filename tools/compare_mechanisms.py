@@ -2,8 +2,8 @@
 """Measured evidence: MoCo v2 features vs the same encoder randomly initialised, and the paper's three mechanisms
 (moco / end2end / memory_bank, arXiv:1911.05722 Fig. 3) at an equal budget, by kNN and linear-probe top-1.
 
-    python pretrain/compare.py --out runs/compare                       # synthetic ImageFolder, resnet18 @ 64 px
-    python pretrain/compare.py --out runs/compare --epochs 30 --mechanisms moco end2end memory_bank
+    python -m tools.compare_mechanisms --out runs/compare                       # synthetic ImageFolder, resnet18 @ 64 px
+    python -m tools.compare_mechanisms --out runs/compare --epochs 30 --mechanisms moco end2end memory_bank
 
 Every mechanism gets the same data, seed, epochs, batch and lr; the linear probe uses the same settings for every
 backbone (including "random"). Writes ``results.json`` and ``results.md`` to ``--out``; runs are resumable (rerun the
