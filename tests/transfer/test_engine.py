@@ -73,3 +73,13 @@ def test_periodic_evaluation_records_curves_without_changing_training(synthetic_
     saved = json.loads((tmp_path / "curve" / "metrics.json").read_text())
     assert saved["eval_history"] == curve["eval_history"]
     assert (tmp_path / "curve" / "eval_curve.png").stat().st_size > 1000
+
+
+def test_eval_only_on_the_final_checkpoint_reproduces_the_run_with_precise_bn(synthetic_voc, tmp_path):
+    cfg = resolve("voc_seg", "cpu", flags={"iters": 3, "workers": 0}, overrides={**SMALL_SEG, "precise_bn_iters": 2})
+    trained = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path)).run()
+    ckpt = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["model"]["stem.1.num_batches_tracked"] == 2  # reset by precise BN, then its 2 batches
+    tested = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / "again"),
+                         resume=str(tmp_path / "checkpoint_last.pth"), eval_only=True).run()
+    assert tested["metrics"] == trained["metrics"]

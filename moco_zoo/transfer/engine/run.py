@@ -90,8 +90,9 @@ class TransferRun:
             LRScheduler(self.lr, lambda it: lr_factor(it, cfg)),
             self.writer,
             PeriodicEval(self.evaluate, cfg.eval_period, self._on_eval) if cfg.eval_period > 0 else None,
-            Checkpointer(self.save_checkpoint, cfg.checkpoint_period),
+            # precise BN before the final checkpoint, so that --eval-only on it tests the same model
             PreciseBN(cfg.precise_bn_iters, lambda m, b: self.task.losses(m, b, self.device)),
+            Checkpointer(self.save_checkpoint, cfg.checkpoint_period),
         ])
 
     def _batches(self, start_iter: int):
