@@ -82,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results["setup"]["data_root"] = str(root)
     probe_specs: Dict[str, str] = {"random init": "random"}
     for mech in args.mechanisms:
-        cfg = make_config(data=str(root), arch=args.arch, moco_version="v2", mechanism=mech,
+        cfg = make_config("cpu-small", data=str(root), arch=args.arch, mechanism=mech,
                           image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
                           num_negatives=args.moco_k, momentum=args.moco_m, workers=args.workers, seed=args.seed,
                           output_dir=str(out / f"pretrain_{mech}"), resume="auto", save_every_steps=50,

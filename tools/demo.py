@@ -241,7 +241,7 @@ class Demo:
         p = self.p
         out = self.out / "pretrain"
         self.run("pretrain", _python(
-            "pretrain/main_moco.py", str(self.imagefolder), "--arch", p.arch, "--moco-version", "v2",
+            "pretrain/main_moco.py", str(self.imagefolder), "--preset", "cpu-small", "--arch", p.arch,
             "--image-size", str(p.image_size), "--epochs", str(p.pretrain_epochs), "--batch-size", str(p.batch_size),
             "--lr", str(p.lr), "--moco-k", str(p.moco_k), "--moco-m", str(p.moco_m),
             # colour ops batched in the training process, loading in it too: on 2 cores this beats PIL workers

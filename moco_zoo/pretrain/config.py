@@ -1,34 +1,39 @@
-"""Configuration of a MoCo pretraining run: paper presets (v1, v2) plus command-line overrides.
+"""Configuration of a MoCo pretraining run: YAML presets, a config file, flags and ``KEY=VALUE`` overrides.
 
-``--moco-version v1`` / ``v2`` selects the defaults of MoCo v1 (arXiv:1911.05722) or MoCo v2 (arXiv:2003.04297);
-every flag given explicitly on the command line overrides its preset value.
+The same system as the transfer configs (OmegaConf structured configs over :class:`MocoConfig`), merged in one
+place, :func:`resolve`: schema defaults -> preset (``moco_zoo/pretrain/configs/<name>.yaml``; ``paper-v1`` and
+``paper-v2`` reproduce the papers, ``cpu-small`` holds the small-data aids) -> ``--config-file`` -> flags ->
+``--set KEY=VALUE``. Without ``--preset``, ``--moco-version v1|v2`` picks ``paper-v1|paper-v2`` (MoCo v1,
+arXiv:1911.05722; MoCo v2, arXiv:2003.04297). Unknown keys and wrongly typed values are errors naming the key.
 
 Batch size and learning rate (single process and ``torchrun`` alike):
 
 * ``--batch-size`` is the **global** batch over all ranks, as in the original code; each of the ``W`` ranks
   processes ``batch_size / W`` images per step (it must divide evenly).
-* ``--lr`` is the base learning rate for a global batch of 256; the optimizer uses
-  ``lr * batch_size / 256`` (``--lr-scaling linear``, the default) or ``lr`` unchanged (``--lr-scaling none``).
-  The papers' 0.03 for a batch of 256 is therefore kept when you change the number of GPUs/nodes but not the
-  global batch, and scaled linearly when you change the global batch.
+* ``--lr`` is used as given (``lr_scaling: none``, as the original code), or as the lr of a global batch of 256
+  scaled to ``lr * batch_size / 256`` (``lr_scaling: linear``, the cpu-small preset).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 MECHANISMS = ("moco", "end2end", "memory_bank")
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "off")
 
-# Paper defaults per version (everything not listed here has the same default for both).
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # MoCo v1: linear head to 128-d, T=0.07, v1 augmentation, lr x0.1 at epochs 120 and 160 of 200.
-    "v1": {"mlp": False, "temperature": 0.07, "aug": "v1", "lr_schedule": "step"},
-    # MoCo v2: 2-layer MLP head, T=0.2, "aug+" (blur, weaker hue jitter), cosine learning-rate schedule.
-    "v2": {"mlp": True, "temperature": 0.2, "aug": "v2", "lr_schedule": "cosine"},
-}
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+VERSION_PRESETS = {"v1": "paper-v1", "v2": "paper-v2"}  # --moco-version without --preset
+
+
+class ConfigError(ValueError):
+    """Bad config key, value or file; the message names the key and where it came from."""
 
 
 @dataclass
@@ -47,9 +52,9 @@ class MocoConfig:
     temperature: float = 0.2
     mlp: bool = True
     bank_momentum: float = 0.5  # memory_bank: v <- normalize(0.5 v + 0.5 k)
-    # prefill: real keys replace the random initial queue / memory bank before step 0 (see MoCo.prefill_dictionary)
-    dict_init: str = "prefill"
-    shuffle_bn: str = "auto"
+    # random: the original code's random unit vectors; prefill: real keys before step 0 (MoCo.prefill_dictionary)
+    dict_init: str = "random"
+    shuffle_bn: str = "auto"  # ddp under torchrun, off in one process (as the original on one GPU)
     shuffle_groups: int = 8  # G of the single-device split-BN emulation (like 8 GPUs of the papers)
     # data / augmentation
     aug: str = "v2"
@@ -63,8 +68,8 @@ class MocoConfig:
     # optimisation
     epochs: int = 200
     batch_size: int = 256  # global over all ranks
-    lr: float = 0.03  # for a global batch of 256
-    lr_scaling: str = "linear"
+    lr: float = 0.03
+    lr_scaling: str = "none"
     lr_schedule: str = "cosine"  # step | cosine
     lr_steps: List[int] = field(default_factory=lambda: [120, 160])  # of 200 epochs; scaled to --epochs
     warmup_epochs: float = 0.0
@@ -102,8 +107,8 @@ class MocoConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def validate(self) -> "MocoConfig":
-        if self.moco_version not in PRESETS:
-            raise ValueError(f"--moco-version must be one of {sorted(PRESETS)}, got {self.moco_version!r}")
+        if self.moco_version not in VERSION_PRESETS:
+            raise ValueError(f"--moco-version must be one of {sorted(VERSION_PRESETS)}, got {self.moco_version!r}")
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"--mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
         if self.shuffle_bn not in SHUFFLE_BN_MODES:
@@ -136,7 +141,7 @@ class MocoConfig:
 # flag name -> (config field, type/kind, help). kind "bool" gives --x / --no-x.
 _FLAGS: Sequence[tuple] = (
     ("--arch", "arch", str, "backbone: timm name (resnet18/34/50/101, wide_resnet50_2, ...) or tv:NAME (torchvision)"),
-    ("--moco-version", "moco_version", str, "paper preset: v1 or v2 (sets head, T, augmentation, lr schedule)"),
+    ("--moco-version", "moco_version", str, "v1 or v2; without --preset, selects the paper-v1 / paper-v2 preset"),
     ("--mechanism", "mechanism", str, "contrastive mechanism: moco | end2end | memory_bank (paper Fig. 3)"),
     ("--moco-dim", "dim", int, "feature dimension (128)"),
     ("--moco-k", "num_negatives", int, "queue size K (moco) / sampled negatives (memory_bank)"),
@@ -145,9 +150,10 @@ _FLAGS: Sequence[tuple] = (
     ("--moco-t", "temperature", float, "softmax temperature T (v1 0.07, v2 0.2)"),
     ("--mlp", "mlp", "bool", "MLP projection head (v2) instead of a linear one (v1)"),
     ("--bank-momentum", "bank_momentum", float, "memory_bank: momentum of the stored features (0.5)"),
-    ("--dict-init", "dict_init", str, "prefill (real keys fill the queue / memory bank before step 0, default) | "
-     "random (the original code's random unit vectors)"),
-    ("--shuffle-bn", "shuffle_bn", str, "auto | ddp | split | off (auto: ddp under torchrun, split on one device)"),
+    ("--dict-init", "dict_init", str, "random (the original code's random unit vectors) | prefill (real keys fill "
+     "the queue / memory bank before step 0)"),
+    ("--shuffle-bn", "shuffle_bn", str, "auto | ddp | split | off (auto: ddp under torchrun, off in one process; "
+     "split: the single-device emulation of G devices)"),
     ("--shuffle-groups", "shuffle_groups", int, "split mode: number of BN groups G (8)"),
     ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),
     ("--augment", "augment", str, "where the recipe runs: pil (every op per image in the loader workers, as the "
@@ -162,8 +168,8 @@ _FLAGS: Sequence[tuple] = (
     ("--synthetic-size", "synthetic_size", int, "--data synthetic: image size in pixels"),
     ("--epochs", "epochs", int, "number of epochs"),
     ("-b", "batch_size", int, "GLOBAL batch size over all ranks (per rank: batch / world size)"),
-    ("--lr", "lr", float, "base learning rate for a global batch of 256 (0.03)"),
-    ("--lr-scaling", "lr_scaling", str, "linear (lr x batch/256, default) | none"),
+    ("--lr", "lr", float, "learning rate (0.03; for a batch of 256 with --lr-scaling linear)"),
+    ("--lr-scaling", "lr_scaling", str, "none (lr as given, default) | linear (lr x batch/256)"),
     ("--lr-schedule", "lr_schedule", str, "step | cosine"),
     ("--lr-steps", "lr_steps", "ints", "step schedule milestones in epochs of a 200-epoch run (scaled to --epochs)"),
     ("--warmup-epochs", "warmup_epochs", float, "linear warmup length in epochs (0)"),
@@ -201,8 +207,15 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("data", nargs="?", default=None, help="ImageFolder root (DATA/train/<class>/* or DATA/<class>/*), "
                    "or 'synthetic' to generate the embedded data set")
     p.add_argument("--data", dest="data_opt", default=None, help="same as the positional DATA")
+    p.add_argument("--preset", default=None, help=f"config preset: {', '.join(preset_names())} (default: "
+                   "paper-v2, or the paper preset of --moco-version)")
+    p.add_argument("--config-file", default=None, help="YAML file of config keys applied after the preset")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys (values parsed as YAML), e.g. --set knn_every=5 lr_steps=[60,80]")
     for flag, name, kind, help_ in _FLAGS:
         extra = [f"--{name.replace('_', '-')}"] if flag in ("-j", "-b") else []
+        if name == "output_dir":
+            extra = ["--out"]  # deprecated alias
         if kind == "bool":
             p.add_argument(flag, *extra, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif kind == "ints":
@@ -212,27 +225,93 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     return p
 
 
+def preset_names() -> List[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_yaml(path: Path) -> Dict[str, Any]:
+    """A YAML mapping of config keys; ``_base_: other.yaml`` (relative to the file) is merged first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base:
+        merged = load_yaml(path.parent / base)
+        merged.update(data)
+        data = merged
+    return data
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["key=value", ...]`` -> dict, values parsed as YAML."""
+    out: Dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value ({str(e).splitlines()[0]})") from None
+    return out
+
+
+def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
+            overrides: Optional[Dict[str, Any]] = None) -> MocoConfig:
+    """The resolved config (see the module docstring for the order)."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if preset is None:
+        version = flags.get("moco_version") or (overrides or {}).get("moco_version") or MocoConfig.moco_version
+        if version not in VERSION_PRESETS:
+            raise ConfigError(f"--moco-version must be one of {sorted(VERSION_PRESETS)}, got {version!r}")
+        preset = VERSION_PRESETS[version]
+    preset_file = CONFIG_DIR / f"{preset}.yaml"
+    if not preset_file.is_file():
+        raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(preset_names())}")
+    cfg = OmegaConf.structured(MocoConfig)
+    for updates, source in ((load_yaml(preset_file), str(preset_file)),
+                            (load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
+                            (flags, "command line"), (overrides or {}, "override")):
+        for key, value in updates.items():
+            if key not in cfg:
+                raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {', '.join(sorted(cfg.keys()))}")
+            if isinstance(value, (str, int, float)) and OmegaConf.is_list(cfg[key]):
+                value = [value]
+            try:
+                cfg[key] = list(value) if isinstance(value, tuple) else value
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"{source}: config key {key!r}: {str(e).splitlines()[0]}") from None
+    return MocoConfig(**OmegaConf.to_container(cfg)).validate()
+
+
 def config_from_args(args: argparse.Namespace) -> MocoConfig:
-    """Dataclass defaults < ``--moco-version`` preset < explicit flags."""
+    """Preset < config file < explicit flags < ``--set``."""
     given = {k: v for k, v in vars(args).items() if v is not None}
-    version = given.get("moco_version", MocoConfig.moco_version)
-    if version not in PRESETS:
-        raise ValueError(f"--moco-version must be one of {sorted(PRESETS)}, got {version!r}")
-    values: Dict[str, Any] = dict(PRESETS[version])
     data = given.pop("data_opt", None) or given.pop("data", None)
     given.pop("data", None)
-    values.update(given)
+    preset, config_file = given.pop("preset", None), given.pop("config_file", None)
+    overrides = parse_overrides(given.pop("overrides", []))
     if data is not None:
-        values["data"] = data
-    return MocoConfig.from_dict(values).validate()
+        given["data"] = data
+    return resolve(preset, config_file, given, overrides)
 
 
-def make_config(**overrides: Any) -> MocoConfig:
-    """Programmatic equivalent of the CLI: preset of ``moco_version`` then ``overrides``."""
-    version = overrides.get("moco_version", MocoConfig.moco_version)
-    values = dict(PRESETS.get(version, {}))
-    values.update(overrides)
-    unknown = set(values) - {f.name for f in dataclasses.fields(MocoConfig)}
-    if unknown:
-        raise TypeError(f"unknown config fields: {sorted(unknown)}")
-    return MocoConfig(**values).validate()
+def make_config(preset: Optional[str] = None, **overrides: Any) -> MocoConfig:
+    """Programmatic equivalent of the CLI: ``preset`` (default: the paper preset of ``moco_version``), then
+    ``overrides``."""
+    try:
+        return resolve(preset, None, None, overrides)
+    except ConfigError as e:
+        if "unknown config key" in str(e):
+            raise TypeError(str(e)) from None
+        raise
+
+
+def to_yaml(cfg: MocoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -217,10 +217,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
 
 def resolve_shuffle_mode(mode: str, distributed: bool, mechanism: str) -> str:
-    """``auto`` -> ``ddp`` under a multi-rank job, ``split`` otherwise. end2end keys need gradients, so the
-    cross-rank shuffle (no-grad all-gather) is replaced by the split emulation on each rank."""
+    """``auto`` -> ``ddp`` under a multi-rank job (the paper), ``off`` in one process (the original code on one GPU,
+    whose shuffle only permutes one BN batch). end2end keys need gradients, so under DDP the cross-rank shuffle
+    (no-grad all-gather) is replaced by the split emulation on each rank."""
     if mode == "auto":
-        mode = "ddp" if distributed and mechanism != "end2end" else "split"
+        mode = ("split" if mechanism == "end2end" else "ddp") if distributed else "off"
     if mode == "ddp" and not distributed:
         raise ValueError("--shuffle-bn ddp needs a multi-process torchrun job; use 'split' (single-device "
                          "emulation) or 'auto'")

@@ -130,8 +130,8 @@ def test_schedules():
     mc = make_config(momentum_schedule="cosine", momentum=0.99)
     assert momentum_at(0, 100, mc) == pytest.approx(0.99) and momentum_at(100, 100, mc) == pytest.approx(1.0)
     assert momentum_at(37, 100, make_config(momentum=0.999)) == 0.999
-    assert scaled_lr(make_config(batch_size=512, lr=0.03)) == pytest.approx(0.06)
-    assert scaled_lr(make_config(batch_size=512, lr=0.03, lr_scaling="none")) == pytest.approx(0.03)
+    assert scaled_lr(make_config(batch_size=512, lr=0.03)) == pytest.approx(0.03)  # the original: lr as given
+    assert scaled_lr(make_config(batch_size=512, lr=0.03, lr_scaling="linear")) == pytest.approx(0.06)
 
 
 def test_presets_and_overrides():
@@ -144,10 +144,38 @@ def test_presets_and_overrides():
     assert v2.lr_steps == [10, 20] and v2.batch_size == 64 and v2.data == "synthetic"
     with pytest.raises(ValueError, match="mechanism"):
         make_config(mechanism="simclr")
-    assert make_config().dict_init == "prefill"
-    assert config_from_args(p.parse_args(["DATA", "--dict-init", "random"])).dict_init == "random"
+    assert make_config().dict_init == "random"
+    assert config_from_args(p.parse_args(["DATA", "--dict-init", "prefill"])).dict_init == "prefill"
     with pytest.raises(ValueError, match="--dict-init"):
         make_config(dict_init="zeros")
+
+
+def test_paper_presets_are_the_papers_and_small_data_aids_are_named(tmp_path):
+    """paper-v1/v2 = the original main_moco.py defaults (+ --mlp --moco-t 0.2 --aug-plus --cos for v2)."""
+    from moco_zoo.pretrain.config import ConfigError, preset_names
+
+    v2 = make_config()
+    assert (v2.arch, v2.dim, v2.num_negatives, v2.momentum, v2.temperature, v2.mlp, v2.aug) == \
+        ("resnet50", 128, 65536, 0.999, 0.2, True, "v2")
+    assert (v2.lr, v2.batch_size, v2.epochs, v2.weight_decay, v2.sgd_momentum, v2.lr_schedule) == \
+        (0.03, 256, 200, 1e-4, 0.9, "cosine")
+    assert (v2.dict_init, v2.shuffle_bn, v2.lr_scaling, v2.image_size) == ("random", "auto", "none", 224)
+    v1 = make_config(moco_version="v1")
+    assert (v1.mlp, v1.temperature, v1.aug, v1.lr_schedule, v1.lr_steps) == (False, 0.07, "v1", "step", [120, 160])
+    small = make_config("cpu-small")
+    assert (small.num_negatives, small.momentum, small.dict_init, small.shuffle_bn) == (256, 0.99, "prefill", "split")
+    assert {"paper-v1", "paper-v2", "cpu-small"} <= set(preset_names())
+    p = build_parser()
+    f = tmp_path / "mine.yaml"
+    f.write_text("epochs: 7\nknn_every: 3\n")
+    cfg = config_from_args(p.parse_args(["DATA", "--preset", "cpu-small", "--config-file", str(f), "--epochs", "9",
+                                         "--set", "knn_every=4", "lr_steps=[3,6]"]))
+    assert (cfg.epochs, cfg.knn_every, cfg.lr_steps, cfg.num_negatives) == (9, 4, [3, 6], 256)
+    with pytest.raises(ConfigError, match="mine.yaml: unknown config key 'epocs'"):
+        f.write_text("epocs: 7\n")
+        config_from_args(p.parse_args(["DATA", "--config-file", str(f)]))
+    with pytest.raises(ConfigError, match="config key 'epochs': Value 'many'"):
+        make_config(epochs="many")
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_imagefolder, capsys):
