@@ -23,8 +23,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    from moco_zoo.logs import setup_logging
     from moco_zoo.pretrain.lincls import run_linear_probe
 
+    setup_logging(cfg.output_dir)
     try:
         result = run_linear_probe(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -23,8 +23,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    from moco_zoo.logs import setup_logging
     from moco_zoo.pretrain.engine import train
 
+    setup_logging(cfg.output_dir)
     try:
         summary = train(cfg)
     except (ValueError, FileNotFoundError) as e:  # DataError, UnknownArchError, CheckpointError: named causes

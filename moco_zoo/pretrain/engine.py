@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -42,6 +43,8 @@ from .builder import MoCo
 from .config import MocoConfig
 from .data import ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root, resolve_split
 from .shuffle_bn import resolve_shuffle_mode
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CKPT_RE = re.compile(r"^checkpoint_(\d+)\.pth$")
@@ -397,8 +400,8 @@ class Trainer:
                 found = None
         if found is None:
             if self.cfg.resume and self.main:
-                print(f"--resume {self.cfg.resume}: no checkpoint in {checkpoint_dir(self.cfg)}, starting fresh",
-                      file=sys.stderr)
+                logger.info("--resume %s: no checkpoint in %s, starting fresh", self.cfg.resume,
+                            checkpoint_dir(self.cfg))
             return False
         path, ckpt = found
         for key in ("arch", "mechanism"):
@@ -422,8 +425,8 @@ class Trainer:
         self.log.load(self.global_step)
         self.resumed_from = path
         if self.main:
-            print(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch}, global step "
-                  f"{self.global_step})", file=sys.stderr)
+            logger.info("resumed from %s at global step %d (epoch %d, step %d)", path, self.global_step, self.epoch,
+                        self.step_in_epoch)
         return True
 
     # ----------------------------------------------------------------------------------------- training
@@ -516,7 +519,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         if self.main:
-            print(f"prefilled the {cfg.mechanism} dictionary with {stored} keys ({done} batches)", file=sys.stderr)
+            logger.info("prefilled the %s dictionary with %d keys (%d batches)", cfg.mechanism, stored, done)
         return stored
 
     def fit(self) -> Dict[str, Any]:
@@ -584,7 +587,7 @@ class Trainer:
                 if self.main:
                     msg = f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in rec.items()
                                                              if k.startswith("knn"))
-                    print(msg, file=sys.stderr)
+                    logger.info(msg)
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.save_checkpoint()

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,8 @@ from moco_zoo.device import autocast, autocast_dtype, default_device
 from .augment import eval_transform, linear_train_transform
 from .data import ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root
 from .engine import get_rng_state, seed_everything, set_rng_state
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -198,7 +201,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
             history = list(ck["metrics"].get("history", []))
             best = ck["metrics"].get("best_top1", 0.0)
             set_rng_state(ck["rng"], device)
-            print(f"resumed linear probe from {path} at epoch {start_epoch}", file=sys.stderr)
+            logger.info("resumed linear probe from %s at epoch %d", path, start_epoch)
 
     knn: Dict[str, float] = {}
     if cfg.knn:
@@ -217,8 +220,8 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
             knn["knn_top1_data_bn"] = monitor.evaluate(
                 lambda x: calib.forward_head(calib.forward_features(x), pre_logits=True))["knn_top1"]
             del calib
-        print(f"kNN on frozen features: top-1 {knn['knn_top1']:.2f} (BN statistics re-estimated on the train "
-              f"images: {knn['knn_top1_data_bn']:.2f})", file=sys.stderr)
+        logger.info("kNN on frozen features: top-1 %.2f (BN statistics re-estimated on the train images: %.2f)",
+                    knn["knn_top1"], knn["knn_top1_data_bn"])
 
     crit = nn.CrossEntropyLoss()
     metrics: Dict[str, Any] = {}
@@ -258,8 +261,8 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": get_rng_state(device),
             "config": cfg.to_dict(),
         }, ckpt_path)
-        print(f"lincls epoch {epoch}: train loss {history[-1]['train_loss']:.3f}, val top-1 {val['top1']:.2f}, "
-              f"top-5 {val['top5']:.2f}", file=sys.stderr)
+        logger.info("lincls epoch %d: train loss %.3f, val top-1 %.2f, top-5 %.2f", epoch, history[-1]["train_loss"],
+                    val["top1"], val["top5"])
 
     # Sanity check (as the protocol requires): the frozen backbone must be exactly the loaded one.
     now = _backbone_state(model)

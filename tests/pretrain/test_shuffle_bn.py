@@ -71,7 +71,7 @@ def test_split_mode_converts_both_encoders_and_changes_key_statistics():
 
 
 def test_resolve_shuffle_mode():
-    assert resolve_shuffle_mode("auto", False, "moco") == "split"
+    assert resolve_shuffle_mode("auto", False, "moco") == "off"  # the original on one GPU: a no-op permutation
     assert resolve_shuffle_mode("auto", True, "moco") == "ddp"
     assert resolve_shuffle_mode("auto", True, "end2end") == "split"
     assert resolve_shuffle_mode("off", True, "moco") == "off"
