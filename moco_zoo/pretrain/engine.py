@@ -5,9 +5,6 @@ epoch, step in epoch, global step, the RNG states of every rank (torch, CUDA, nu
 Batches are reproducible from (seed, epoch, step) alone (see :mod:`moco_zoo.pretrain.data`), so a run killed at any step and
 resumed with ``--resume auto`` ends with the same weights, bit for bit on CPU, as an uninterrupted run.
 
-Test hooks: ``MOCO_ZOO_KILL_AFTER_STEP=S`` makes the process SIGKILL itself right after global step ``S``;
-``MOCO_ZOO_DUMP_RANK_STATE=DIR`` makes every rank save its dictionary and key encoder to ``DIR/rank<r>.pt`` at the end.
-
 DDP: gradients are all-reduced by DistributedDataParallel; keys (and memory-bank updates) are all-gathered so every
 rank holds the same dictionary; the query encoder's BN buffers are broadcast from rank 0 before every step (like
 DDP's ``broadcast_buffers``, but without also broadcasting the queue), so the key encoders stay identical too.
@@ -18,10 +15,8 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import re
-import signal
 import sys
 import time
 import warnings
@@ -48,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CKPT_RE = re.compile(r"^checkpoint_(\d+)\.pth$")
-KILL_ENV = "MOCO_ZOO_KILL_AFTER_STEP"
-DUMP_ENV = "MOCO_ZOO_DUMP_RANK_STATE"  # test hook: directory where every rank dumps its queue and key encoder
 
 
 # ---------------------------------------------------------------------------------------------------- schedules
@@ -329,8 +322,6 @@ class Trainer:
         self.log = MetricsLog(self.out_dir / "metrics.jsonl", self.main)
         self.knn = self._build_knn() if self.main else None
         self.resumed_from: Optional[Path] = None
-        kill = os.environ.get(KILL_ENV, "")
-        self.kill_after_step = int(kill) if kill.strip() else -1
 
     # ----------------------------------------------------------------------------------------- setup helpers
     def _build_knn(self):
@@ -451,13 +442,6 @@ class Trainer:
             dist.broadcast(flat, src=0)
             torch._foreach_copy_(group, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in group]), group)])
 
-    def dump_rank_state(self, directory: Path) -> Path:
-        sd = self.model.state_dict()
-        keep = {k: v.detach().to("cpu").clone() for k, v in sd.items()
-                if k.startswith("encoder_k.") or k in ("queue", "queue_ptr", "memory_bank")}
-        keep.update({k: v.detach().to("cpu").clone() for k, v in sd.items() if k.startswith("encoder_q.")})
-        return atomic_torch_save(keep, Path(directory) / f"rank{self.rank}.pt")
-
     def train_step(self, images: List[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the (detached) loss without synchronising with the device."""
         if self.world > 1:
@@ -570,8 +554,6 @@ class Trainer:
                 if not end_of_epoch and (done or (cfg.save_every_steps and
                                                   self.global_step % cfg.save_every_steps == 0)):
                     self.save_checkpoint()
-                if self.global_step == self.kill_after_step:
-                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted job
                 if done:
                     break
             if bar is not None:
@@ -593,8 +575,6 @@ class Trainer:
                 self.save_checkpoint()
                 if self.main and cfg.plots:
                     write_plots(self.log.records, self.out_dir)
-        if os.environ.get(DUMP_ENV):
-            self.dump_rank_state(Path(os.environ[DUMP_ENV]))
         final = list_checkpoints(checkpoint_dir(cfg))
         return {"global_step": self.global_step, "epoch": self.epoch, "knn": last_knn,
                 "checkpoint": str(final[0][1]) if final else None, "resumed_from": str(self.resumed_from or "")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -13,18 +14,43 @@ from moco_zoo.pretrain.engine import list_checkpoints
 
 from .conftest import REPO, tiny_args
 
+# Runs main_moco.py under torchrun; when training ends every rank saves its dictionary and both encoders.
+DRIVER = textwrap.dedent('''
+    import os, runpy, sys
+    from pathlib import Path
+    import torch
+    from moco_zoo.pretrain import engine
+
+    _fit = engine.Trainer.fit
+
+    def fit(self):
+        summary = _fit(self)
+        sd = self.model.state_dict()
+        keep = {k: v.detach().cpu().clone() for k, v in sd.items()
+                if k.startswith(("encoder_q.", "encoder_k.")) or k in ("queue", "queue_ptr", "memory_bank")}
+        torch.save(keep, Path(os.environ["DUMP_DIR"]) / f"rank{self.rank}.pt")
+        return summary
+
+    engine.Trainer.fit = fit
+    sys.argv = [os.environ["MAIN_MOCO"], *sys.argv[1:]]
+    runpy.run_path(os.environ["MAIN_MOCO"], run_name="__main__")
+''')
+
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("mechanism", ["moco", pytest.param("memory_bank", marks=pytest.mark.slow),
                                        pytest.param("end2end", marks=pytest.mark.slow)])
 def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefolder, tmp_path, mechanism):
     out, dump = tmp_path / "run", tmp_path / "dump"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MOCO_ZOO_DUMP_RANK_STATE=str(dump))
+    dump.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DUMP_DIR=str(dump),
+               MAIN_MOCO=str(REPO / "pretrain" / "main_moco.py"))
     # global batch 8 = 2 ranks x 4; K=20 is not a multiple of 8: the queue wraps around.
     args = tiny_args(tiny_imagefolder, out, "--moco-k", "20", "--max-steps", "3", "--mechanism", mechanism,
                      "--shuffle-bn", "ddp" if mechanism == "moco" else "auto")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "pretrain" / "main_moco.py"), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = safe_torch_load(dump / "rank0.pt"), safe_torch_load(dump / "rank1.pt")
