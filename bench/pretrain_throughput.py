@@ -173,11 +173,11 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         cfg = make_config(
             data=str(Path(spec["data"]).parent), arch=spec["arch"], moco_version=spec["moco_version"],
-            image_size=spec["image_size"], batch_size=spec["batch_size"], num_negatives=spec["K"],
+            image_size=spec["image_size"], batch_size=spec["batch_size"], moco_k=spec["K"],
             shuffle_bn=spec["shuffle_bn"], shuffle_groups=spec["shuffle_groups"], workers=spec["workers"],
             pin_memory=spec["pin_memory"], persistent_workers=spec["persistent_workers"], device="cpu",
             precision=v["precision"], channels_last=v["channels_last"], compile=v["compile"],
-            augment=v.get("augment", "pil") if spec["mode"] == "e2e" else "pil",
+            augment_backend=v.get("augment", "pil") if spec["mode"] == "e2e" else "pil",
             keep_host_memory=v.get("keep_host_memory", True), epochs=1000,
             knn_every=0, progress=False, plots=False, output_dir=out, seed=0)
         trainer = Trainer(cfg)
@@ -352,7 +352,7 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
             var = VARIANTS[v]
             cfg = make_config(
                 data=str(Path(spec["data"]).parent), arch=spec["arch"], moco_version=spec["moco_version"],
-                image_size=s, batch_size=b, num_negatives=spec["K"], shuffle_bn=spec["shuffle_bn"],
+                image_size=s, batch_size=b, moco_k=spec["K"], shuffle_bn=spec["shuffle_bn"],
                 shuffle_groups=spec["shuffle_groups"], workers=0, device="cpu", precision=var["precision"],
                 channels_last=var["channels_last"], compile=var["compile"], epochs=1000, knn_every=0,
                 progress=False, plots=False, output_dir=f"{tmp}/{v}", seed=0)

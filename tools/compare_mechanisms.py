@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for mech in args.mechanisms:
         cfg = make_config("cpu-small", data=str(root), arch=args.arch, mechanism=mech,
                           image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
-                          num_negatives=args.moco_k, momentum=args.moco_m, workers=args.workers, seed=args.seed,
+                          moco_k=args.moco_k, momentum=args.moco_m, workers=args.workers, seed=args.seed,
                           output_dir=str(out / f"pretrain_{mech}"), resume="auto", save_every_steps=50,
                           precision=precision, channels_last=amp is not None,
                           knn_every=args.knn_every if args.epochs % args.knn_every == 0 else 1)

@@ -246,7 +246,7 @@ class Demo:
             "--lr", str(p.lr), "--moco-k", str(p.moco_k), "--moco-m", str(p.moco_m),
             # colour ops batched in the training process, loading in it too: on 2 cores this beats PIL workers
             # that compete with the step (~187 vs ~117 img/s here; bench/RESULTS.md)
-            "--augment", "batched", "--workers", "0",
+            "--workers", "0",
             "--knn-every", str(p.knn_every), "--output-dir", str(out), "--resume", "auto", "--seed", "0",
             *_fast_cpu_flags()))
         from moco_zoo.pretrain.engine import list_checkpoints

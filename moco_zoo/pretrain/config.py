@@ -46,7 +46,7 @@ class MocoConfig:
     mechanism: str = "moco"
     # model
     dim: int = 128
-    num_negatives: int = 65536  # K: queue length (moco) or sampled negatives (memory_bank)
+    moco_k: int = 65536  # K: queue length (moco) or sampled negatives (memory_bank)
     momentum: float = 0.999  # m of the key encoder
     momentum_schedule: str = "fixed"  # fixed | cosine (m -> 1 over training)
     temperature: float = 0.2
@@ -58,7 +58,7 @@ class MocoConfig:
     shuffle_groups: int = 8  # G of the single-device split-BN emulation (like 8 GPUs of the papers)
     # data / augmentation
     aug: str = "v2"
-    augment: str = "pil"  # pil: whole recipe per image in the workers | batched: colour ops batched on the device
+    augment_backend: str = "pil"  # pil: whole recipe per image in the workers | batched: colour ops batched on the device
     image_size: int = 224
     workers: int = 4
     pin_memory: bool = True
@@ -81,7 +81,7 @@ class MocoConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto
     channels_last: bool = False
     compile: bool = False
-    keep_host_memory: bool = True  # glibc: reuse freed host memory (no per-step page faults), see moco_zoo.device
+    keep_host_memory: bool = False  # glibc: reuse freed host memory (no per-step page faults), see moco_zoo.device
     # bookkeeping
     seed: int = 0
     output_dir: str = "runs/moco"
@@ -115,8 +115,8 @@ class MocoConfig:
             raise ValueError(f"--shuffle-bn must be one of {SHUFFLE_BN_MODES}, got {self.shuffle_bn!r}")
         if self.aug not in ("v1", "v2"):
             raise ValueError(f"--aug must be v1 or v2, got {self.aug!r}")
-        if self.augment not in ("pil", "batched"):
-            raise ValueError(f"--augment must be pil or batched, got {self.augment!r}")
+        if self.augment_backend not in ("pil", "batched"):
+            raise ValueError(f"augment_backend must be pil or batched, got {self.augment_backend!r}")
         if self.lr_schedule not in ("step", "cosine"):
             raise ValueError(f"--lr-schedule must be step or cosine, got {self.lr_schedule!r}")
         if self.momentum_schedule not in ("fixed", "cosine"):
@@ -125,8 +125,8 @@ class MocoConfig:
             raise ValueError(f"--dict-init must be prefill or random, got {self.dict_init!r}")
         if self.lr_scaling not in ("linear", "none"):
             raise ValueError(f"--lr-scaling must be linear or none, got {self.lr_scaling!r}")
-        if self.num_negatives < 1:
-            raise ValueError(f"--moco-k must be >= 1, got {self.num_negatives}")
+        if self.moco_k < 1:
+            raise ValueError(f"--moco-k must be >= 1, got {self.moco_k}")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"--moco-m must be in [0, 1], got {self.momentum}")
         if self.temperature <= 0:
@@ -144,7 +144,7 @@ _FLAGS: Sequence[tuple] = (
     ("--moco-version", "moco_version", str, "v1 or v2; without --preset, selects the paper-v1 / paper-v2 preset"),
     ("--mechanism", "mechanism", str, "contrastive mechanism: moco | end2end | memory_bank (paper Fig. 3)"),
     ("--moco-dim", "dim", int, "feature dimension (128)"),
-    ("--moco-k", "num_negatives", int, "queue size K (moco) / sampled negatives (memory_bank)"),
+    ("--moco-k", "moco_k", int, "queue size K (moco) / sampled negatives (memory_bank)"),
     ("--moco-m", "momentum", float, "key-encoder momentum m (0.999)"),
     ("--momentum-schedule", "momentum_schedule", str, "fixed | cosine (m increases to 1 over training)"),
     ("--moco-t", "temperature", float, "softmax temperature T (v1 0.07, v2 0.2)"),
@@ -156,14 +156,8 @@ _FLAGS: Sequence[tuple] = (
      "split: the single-device emulation of G devices)"),
     ("--shuffle-groups", "shuffle_groups", int, "split mode: number of BN groups G (8)"),
     ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),
-    ("--augment", "augment", str, "where the recipe runs: pil (every op per image in the loader workers, as the "
-     "original code) | batched (workers only crop, resize and flip uint8 views; colour jitter, grayscale and blur "
-     "run on the whole batch on the training device, same parameter draws)"),
     ("--image-size", "image_size", int, "crop size (224)"),
     ("-j", "workers", int, "DataLoader worker processes per rank"),
-    ("--pin-memory", "pin_memory", "bool", "pinned host memory for batches"),
-    ("--persistent-workers", "persistent_workers", "bool", "keep DataLoader workers alive between epochs "
-     "(default on; no effect with -j 0)"),
     ("--synthetic-images", "synthetic_images", int, "--data synthetic: number of images"),
     ("--synthetic-size", "synthetic_size", int, "--data synthetic: image size in pixels"),
     ("--epochs", "epochs", int, "number of epochs"),
@@ -180,8 +174,6 @@ _FLAGS: Sequence[tuple] = (
     ("--precision", "precision", str, "fp32 | bf16 | fp16 | auto (autocast)"),
     ("--channels-last", "channels_last", "bool", "channels_last memory format (pays with bf16 on CPU/GPU)"),
     ("--compile", "compile", "bool", "torch.compile the encoders"),
-    ("--keep-host-memory", "keep_host_memory", "bool", "keep freed host memory mapped for reuse (glibc mallopt; "
-     "avoids re-faulting activation pages every step)"),
     ("--seed", "seed", int, "random seed"),
     ("--output-dir", "output_dir", str, "checkpoints, metrics.jsonl and plots go here"),
     ("--save-every-steps", "save_every_steps", int, "also checkpoint every N steps (0: epoch ends only)"),

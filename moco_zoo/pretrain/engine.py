@@ -271,7 +271,7 @@ class Trainer:
                 self.data_root = resolve_data_root(cfg.data, cfg.synthetic_images, cfg.synthetic_size, seed=0)
         assert self.data_root is not None
         self.photometric: Optional[BatchedPhotometric] = None
-        if cfg.augment == "batched":  # the loader yields (uint8 views, parameters); colour ops run in _views
+        if cfg.augment_backend == "batched":  # the loader yields (uint8 views, parameters); colour ops run in _views
             transform: Callable = GeometricViews(cfg.aug, cfg.image_size)
             self.photometric = BatchedPhotometric(cfg.aug)
         else:
@@ -287,7 +287,7 @@ class Trainer:
         # model: identical initialisation on every rank
         seed_everything(cfg.seed)
         self.shuffle_mode = resolve_shuffle_mode(cfg.shuffle_bn, self.world > 1, cfg.mechanism)
-        self.model = MoCo(cfg.arch, cfg.dim, cfg.num_negatives, cfg.momentum, cfg.temperature, cfg.mlp,
+        self.model = MoCo(cfg.arch, cfg.dim, cfg.moco_k, cfg.momentum, cfg.temperature, cfg.mlp,
                           cfg.mechanism, self.shuffle_mode, cfg.shuffle_groups, bank_size=len(self.dataset),
                           bank_momentum=cfg.bank_momentum).to(self.device)
         if cfg.channels_last:
@@ -426,7 +426,7 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
     def _views(self, images: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """A loader batch -> [queries, keys] on the device (``--augment batched``: after the batched colour ops)."""
+        """A loader batch -> [queries, keys] on the device (``augment_backend: batched``: after the batched colour ops)."""
         if self.photometric is not None:
             with torch.no_grad():
                 return self.photometric(images, self.device, self.cfg.channels_last)
@@ -479,7 +479,7 @@ class Trainer:
         if cfg.dict_init != "prefill" or cfg.mechanism == "end2end":
             return 0
         gb = self.local_batch * self.world
-        batches = -(-cfg.num_negatives // gb) if cfg.mechanism == "moco" else self.steps_per_epoch
+        batches = -(-cfg.moco_k // gb) if cfg.mechanism == "moco" else self.steps_per_epoch
         bar = None
         if self.main and cfg.progress:
             from tqdm import tqdm

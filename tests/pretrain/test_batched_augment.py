@@ -171,8 +171,8 @@ def test_engine_with_batched_augment(tiny_imagefolder, tmp_path):
     from moco_zoo.pretrain.config import make_config
     from moco_zoo.pretrain.engine import Trainer
 
-    cfg = make_config(data=str(tiny_imagefolder), arch="resnet18", image_size=32, batch_size=8, num_negatives=16,
-                      epochs=1, max_steps=2, workers=1, augment="batched", precision="bf16", channels_last=True,
+    cfg = make_config(data=str(tiny_imagefolder), arch="resnet18", image_size=32, batch_size=8, moco_k=16,
+                      epochs=1, max_steps=2, workers=1, augment_backend="batched", precision="bf16", channels_last=True,
                       output_dir=str(tmp_path / "run"), progress=False, plots=False, knn_every=0, log_every_steps=1)
     trainer = Trainer(cfg)
     assert isinstance(trainer.dataset.transform, BA.GeometricViews)
@@ -194,5 +194,5 @@ def test_engine_with_batched_augment(tiny_imagefolder, tmp_path):
 def test_augment_flag_is_validated():
     from moco_zoo.pretrain.config import make_config
 
-    with pytest.raises(ValueError, match="--augment must be pil or batched"):
-        make_config(augment="gpu")
+    with pytest.raises(ValueError, match="augment_backend must be pil or batched"):
+        make_config(augment_backend="gpu")

@@ -162,7 +162,7 @@ def test_paper_presets_are_the_papers_and_small_data_aids_are_named(tmp_path):
     from moco_zoo.pretrain.config import ConfigError, preset_names
 
     v2 = make_config()
-    assert (v2.arch, v2.dim, v2.num_negatives, v2.momentum, v2.temperature, v2.mlp, v2.aug) == \
+    assert (v2.arch, v2.dim, v2.moco_k, v2.momentum, v2.temperature, v2.mlp, v2.aug) == \
         ("resnet50", 128, 65536, 0.999, 0.2, True, "v2")
     assert (v2.lr, v2.batch_size, v2.epochs, v2.weight_decay, v2.sgd_momentum, v2.lr_schedule) == \
         (0.03, 256, 200, 1e-4, 0.9, "cosine")
@@ -170,14 +170,14 @@ def test_paper_presets_are_the_papers_and_small_data_aids_are_named(tmp_path):
     v1 = make_config(moco_version="v1")
     assert (v1.mlp, v1.temperature, v1.aug, v1.lr_schedule, v1.lr_steps) == (False, 0.07, "v1", "step", [120, 160])
     small = make_config("cpu-small")
-    assert (small.num_negatives, small.momentum, small.dict_init, small.shuffle_bn) == (256, 0.99, "prefill", "split")
+    assert (small.moco_k, small.momentum, small.dict_init, small.shuffle_bn) == (256, 0.99, "prefill", "split")
     assert {"paper-v1", "paper-v2", "cpu-small"} <= set(preset_names())
     p = build_parser()
     f = tmp_path / "mine.yaml"
     f.write_text("epochs: 7\nknn_every: 3\n")
     cfg = config_from_args(p.parse_args(["DATA", "--preset", "cpu-small", "--config-file", str(f), "--epochs", "9",
                                          "--set", "knn_every=4", "lr_steps=[3,6]"]))
-    assert (cfg.epochs, cfg.knn_every, cfg.lr_steps, cfg.num_negatives) == (9, 4, [3, 6], 256)
+    assert (cfg.epochs, cfg.knn_every, cfg.lr_steps, cfg.moco_k) == (9, 4, [3, 6], 256)
     with pytest.raises(ConfigError, match="mine.yaml: unknown config key 'epocs'"):
         f.write_text("epocs: 7\n")
         config_from_args(p.parse_args(["DATA", "--config-file", str(f)]))
@@ -208,7 +208,7 @@ def test_in_process_training_of_each_mechanism(tiny_imagefolder, tmp_path, monke
     monkeypatch.setenv("MOCO_ZOO_DATA", str(tmp_path / "cache"))
     for mech, data, extra in (("end2end", str(tiny_imagefolder), {"precision": "bf16", "channels_last": True}),
                               ("memory_bank", "synthetic", {"synthetic_images": 48, "synthetic_size": 32})):
-        cfg = make_config(data=data, arch="resnet18", image_size=32, batch_size=8, num_negatives=16, epochs=1,
+        cfg = make_config(data=data, arch="resnet18", image_size=32, batch_size=8, moco_k=16, epochs=1,
                           max_steps=2, workers=0, mechanism=mech, output_dir=str(tmp_path / mech),
                           progress=False, plots=False, knn_every=0, **extra)
         summary = train(cfg)
