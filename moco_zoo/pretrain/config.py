@@ -21,19 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
+from moco_zoo.config import preset_names as _preset_names
 
 MECHANISMS = ("moco", "end2end", "memory_bank")
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "off")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 VERSION_PRESETS = {"v1": "paper-v1", "v2": "paper-v2"}  # --moco-version without --preset
-
-
-class ConfigError(ValueError):
-    """Bad config key, value or file; the message names the key and where it came from."""
 
 
 @dataclass
@@ -218,40 +215,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 
 def preset_names() -> List[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def load_yaml(path: Path) -> Dict[str, Any]:
-    """A YAML mapping of config keys; ``_base_: other.yaml`` (relative to the file) is merged first."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    base = data.pop("_base_", None)
-    if base:
-        merged = load_yaml(path.parent / base)
-        merged.update(data)
-        data = merged
-    return data
-
-
-def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
-    """``["key=value", ...]`` -> dict, values parsed as YAML."""
-    out: Dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse the value ({str(e).splitlines()[0]})") from None
-    return out
+    return _preset_names(CONFIG_DIR)
 
 
 def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
@@ -267,18 +231,9 @@ def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, fla
     if not preset_file.is_file():
         raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(preset_names())}")
     cfg = OmegaConf.structured(MocoConfig)
-    for updates, source in ((load_yaml(preset_file), str(preset_file)),
-                            (load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
-                            (flags, "command line"), (overrides or {}, "override")):
-        for key, value in updates.items():
-            if key not in cfg:
-                raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {', '.join(sorted(cfg.keys()))}")
-            if isinstance(value, (str, int, float)) and OmegaConf.is_list(cfg[key]):
-                value = [value]
-            try:
-                cfg[key] = list(value) if isinstance(value, tuple) else value
-            except OmegaConfBaseException as e:
-                raise ConfigError(f"{source}: config key {key!r}: {str(e).splitlines()[0]}") from None
+    merge_layers(cfg, [(load_yaml(preset_file), str(preset_file)),
+                       (load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
+                       (flags, "command line"), (overrides or {}, "override")])
     return MocoConfig(**OmegaConf.to_container(cfg)).validate()
 
 

@@ -17,11 +17,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
+from moco_zoo.config import preset_names as _preset_names
+
+__all__ = ["ConfigError", "TransferConfig", "DetectionConfig", "SegmentationConfig", "resolve", "validate",
+           "effective_batch", "preset_names", "parse_overrides", "schema_keys", "to_yaml", "to_dict"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TASKS = ("voc_det", "coco_det", "voc_seg")
@@ -29,10 +33,6 @@ _CHOICES = {
     "detector": ("c4", "fpn"), "norm": ("bn", "syncbn", "frozen"), "precision": ("auto", "fp32", "bf16", "fp16"),
     "lr_schedule": ("step", "poly"), "output_stride": (8, 16, 32), "engine": ("torchvision", "detectron2"),
 }
-
-
-class ConfigError(ValueError):
-    """Bad config key or value; the message names the key and the file or flag it came from."""
 
 
 def _range(lo: int, hi: int, step: int) -> List[int]:
@@ -140,62 +140,12 @@ SCHEMAS: Dict[str, Type[TransferConfig]] = {
 
 def preset_names(task: str) -> List[str]:
     _check_task(task)
-    return sorted(p.stem for p in (CONFIG_DIR / task).glob("*.yaml"))
+    return _preset_names(CONFIG_DIR / task)
 
 
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
-
-
-def load_yaml(path: Path) -> Dict[str, Any]:
-    """A YAML mapping of config keys; ``_base_: other.yaml`` (relative to the file) is merged first."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    base = data.pop("_base_", None)
-    if base:
-        merged = load_yaml(path.parent / base)
-        merged.update(data)
-        data = merged
-    return data
-
-
-def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
-    """``["key=value", ...]`` -> dict, values parsed as YAML (``steps=[200,250]``, ``arch=resnet18``)."""
-    out: Dict[str, Any] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse the value ({str(e).splitlines()[0]})") from None
-    return out
-
-
-def _merge(cfg: DictConfig, updates: Dict[str, Any], source: str) -> DictConfig:
-    valid = set(cfg.keys())
-    for key, value in updates.items():
-        if key not in valid:
-            raise ConfigError(f"{source}: unknown config key {key!r} for task {cfg.task}; valid keys: "
-                              f"{', '.join(sorted(valid - {'task'}))}")
-        if isinstance(value, tuple):
-            value = list(value)
-        if isinstance(value, (str, int, float)) and OmegaConf.is_list(cfg[key]):
-            value = [value]  # a single value for a list key (``steps=100``)
-        try:
-            cfg[key] = value
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: config key {key!r}: {str(e).splitlines()[0]}") from None
-    return cfg
 
 
 def resolve(task: str, preset: Optional[str] = None, config_file: Optional[str] = None,
@@ -207,15 +157,13 @@ def resolve(task: str, preset: Optional[str] = None, config_file: Optional[str] 
     if not preset_file.is_file():
         raise ConfigError(f"unknown preset {preset!r} for {task}: expected one of {', '.join(preset_names(task))}")
     cfg = OmegaConf.structured(SCHEMAS[task](task=task, preset=preset))
-    _merge(cfg, load_yaml(preset_file), str(preset_file))
+    what = f" for task {task}"
+    merge_layers(cfg, [(load_yaml(preset_file), str(preset_file))], what=what)
     preset_iters, preset_steps = cfg.iters, list(cfg.steps)
-    user: Dict[str, Any] = {}
-    for updates, source in ((load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
-                            ({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
-                            (overrides or {}, "override")):
-        updates = {k: v for k, v in updates.items() if k not in ("task", "preset")}
-        _merge(cfg, updates, source)
-        user.update(updates)
+    layers = [(load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
+              ({k: v for k, v in (flags or {}).items() if v is not None}, "command line"), (overrides or {}, "override")]
+    user = merge_layers(cfg, [({k: v for k, v in u.items() if k not in ("task", "preset")}, s) for u, s in layers],
+                        what=what)
     if "iters" in user and "steps" not in user and cfg.iters != preset_iters:
         cfg.steps = [max(1, int(round(s * cfg.iters / preset_iters))) for s in preset_steps]
     validate(cfg)

@@ -49,6 +49,17 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """The figure as a PNG written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_losses(history: List[Dict[str, float]], path: Path, title: str = "") -> Optional[Path]:
     """Total and per-term training losses against the iteration (log scale), lr on a second axis."""
     if not history:
@@ -73,11 +84,7 @@ def plot_losses(history: List[Dict[str, float]], path: Path, title: str = "") ->
         ax2.plot(its, [h["lr"] for h in history], color="grey", ls="--", lw=0.8)
         ax2.set_ylabel("lr", color="grey")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return _save_figure(fig, path)
 
 
 def draw_prediction(image: torch.Tensor, output: Dict[str, torch.Tensor], class_names: Sequence[str],
@@ -150,11 +157,7 @@ def plot_eval_history(eval_history: List[Dict[str, Any]], task: str, path: Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return _save_figure(fig, path)
 
 
 def _by_weights(results: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
@@ -217,8 +220,4 @@ def plot_seed_curves(task: str, results: Sequence[Dict[str, Any]], path: Path) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{task}: {label} (mean +- std over seeds)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return _save_figure(fig, path)
