@@ -7,8 +7,9 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from moco_zoo.transfer.modeling import (DistributedBatchNorm2d, backbone_trunk_state, build_detector, check_backbone_keys,
-                               convert_sync_batchnorm)
+from moco_zoo.checkpoint import CheckpointError
+from moco_zoo.transfer.modeling import (DistributedBatchNorm2d, backbone_trunk_state, build_detector,
+                                        convert_sync_batchnorm, load_trunk)
 from moco_zoo.transfer.modeling.detector import C4RoIAlign, PooledHead, Res5Head
 
 SMALL = dict(min_size=(96,), max_size=128, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=200,
@@ -149,13 +150,14 @@ def test_wrong_architecture_names_the_file(r18_file):
     assert "resnet50" in str(e.value)
 
 
-def test_check_backbone_keys_reports_missing_unexpected_and_shapes():
+def test_load_trunk_names_the_weights_on_any_misfit():
     model = torchvision.models.resnet18()
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("layer4.")}
-    sd["extra.weight"] = torch.zeros(1)
-    sd["conv1.weight"] = torch.zeros(1, 3, 7, 7)
-    with pytest.raises(ValueError, match=r"weights\.bin: .*missing keys.*layer4.*unexpected keys.*extra\.weight.*wrong shape.*conv1\.weight"):
-        check_backbone_keys(sd, model, "weights.bin", "resnet18")
+    with pytest.raises(CheckpointError, match=r"weights\.bin: weights do not fit resnet18: missing \['layer4"):
+        load_trunk(torchvision.models.resnet18(), sd, "weights.bin", "resnet18")
+    sd = dict(model.state_dict(), **{"conv1.weight": torch.zeros(1, 3, 7, 7)})
+    with pytest.raises(CheckpointError, match=r"weights\.bin: weights do not fit resnet18: .*conv1\.weight"):
+        load_trunk(torchvision.models.resnet18(), sd, "weights.bin", "resnet18")
 
 
 def test_bad_arguments():

@@ -13,7 +13,7 @@ import yaml
 from moco_zoo.transfer.engine.cli import main
 from moco_zoo.transfer.segmentation.data import SegTrainTransform
 from moco_zoo.transfer.segmentation.metrics import SegmentationMeter, confusion_matrix, segmentation_scores
-from moco_zoo.transfer.segmentation.model import FCNSegmenter, build_segmenter, load_resnet
+from moco_zoo.transfer.segmentation.model import FCNSegmenter, build_segmenter, dilated_resnet
 
 
 def test_miou_hand_computed():
@@ -51,21 +51,23 @@ def test_miou_absent_class_is_left_out_and_meter_accumulates():
 
 @pytest.mark.parametrize("arch", ["resnet18"])
 def test_dilated_backbone_output_stride_and_shapes(arch):
-    from moco_zoo.transfer.segmentation.model import make_resnet
-
     for os_, expect in ((32, 2), (16, 4), (8, 8)):
-        model = FCNSegmenter(make_resnet(arch), 5, output_stride=os_, head_channels=16, head_convs=1).eval()
+        backbone, _ = dilated_resnet("random", arch, os_)
+        model = FCNSegmenter(backbone, 5, head_channels=16, head_convs=1).eval()
         x = torch.rand(1, 3, 64, 64)
         feats = model.layer4(model.layer3(model.layer2(model.layer1(model.stem(x)))))
         assert feats.shape[-1] == expect
         assert model(x).shape == (1, 5, 64, 64)
-    # the trunk keeps torchvision key names and the loaded weights
-    model, found = build_segmenter("random", 5, arch, output_stride=8, head_channels=16, head_convs=1)
+    # the trunk keeps torchvision key names and carries exactly the resolver's weights
+    from moco_zoo import load_backbone_state_dict
+
+    model, found = build_segmenter("random", 5, arch, output_stride=8, head_channels=16, head_convs=1, seed=3)
     assert found == arch
     sd = model.backbone_state_dict()
-    ref, _ = load_resnet("random", arch)
-    assert torch.equal(sd["layer1.0.conv1.weight"], ref.state_dict()["layer1.0.conv1.weight"])
-    assert "conv1.weight" in sd and "bn1.running_var" in sd
+    ref, _ = load_backbone_state_dict("random", arch, seed=3)
+    assert set(k for k in ref if not k.startswith("fc.")) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(v, ref[k]), k
 
 
 def test_wrong_architecture_weights_name_the_file(tmp_path):
@@ -75,9 +77,11 @@ def test_wrong_architecture_weights_name_the_file(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), path)
     model, arch = build_segmenter(str(path), 3, None, output_stride=32, head_channels=8, head_convs=1)
     assert arch == "resnet18"
-    with pytest.raises(Exception) as e:
+    from moco_zoo.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError) as e:
         build_segmenter(str(path), 3, "resnet50", output_stride=32)
-    assert "r18.pth" in str(e.value)
+    assert "r18.pth" in str(e.value) and "look like 'resnet18'" in str(e.value)
 
 
 def test_train_transform_crop_pad_and_ignore():

@@ -1,9 +1,9 @@
-"""ResNet trunks for detection, built from any weights spec the zoo understands.
+"""ResNet trunks for transfer, built from any weights spec the zoo understands.
 
 Weights come from :func:`moco_zoo.load_backbone_state_dict` (zoo name, ``hf-hub:`` id, converted file, raw MoCo or
-linear-probe checkpoint, ``torchvision-supervised``) as a canonical torchvision/timm ResNet state dict, and are loaded
-into ``torchvision.models.resnet<N>`` with a strict key check: a file for another architecture fails with an error
-naming the file. ``random`` gives torchvision's own initialisation (seeded), the "scratch" baseline of the paper.
+linear-probe checkpoint, ``torchvision-supervised``, ``random``) as a canonical ResNet state dict (torchvision and
+timm share the key names), are checked against the architecture by :func:`moco_zoo.convert.check_arch` and loaded
+strictly; every misfit is a :class:`~moco_zoo.checkpoint.CheckpointError` naming the weights.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import torch
 import torchvision
 from torch import nn
 
+from moco_zoo.backbones import load_backbone_state_dict
+from moco_zoo.checkpoint import CheckpointError
+from moco_zoo.convert import check_arch
+
 from .norm import norm_layer
 
 RANDOM = "random"
-
-
-class BackboneWeightsError(ValueError):
-    """Backbone weights do not fit the requested architecture; the message names the weights file/spec."""
 
 
 @dataclass
@@ -31,7 +31,7 @@ class BackboneInfo:
 
 
 def _ignored(key: str) -> bool:
-    return key.startswith("fc.") or key.endswith("num_batches_tracked")
+    return key.startswith(("fc.", "head.")) or key.endswith("num_batches_tracked")
 
 
 def torchvision_resnet(arch: str, norm: str = "bn") -> nn.Module:
@@ -41,8 +41,8 @@ def torchvision_resnet(arch: str, norm: str = "bn") -> nn.Module:
         name = name[3:]
     fn = getattr(torchvision.models, name, None)
     if fn is None or not ("resnet" in name or "resnext" in name):
-        raise BackboneWeightsError(
-            f"architecture {arch!r} is not a ResNet: detection and segmentation transfer build torchvision ResNets "
+        raise CheckpointError(
+            f"architecture {arch!r} is not a ResNet: detection and segmentation transfer build ResNets "
             f"(resnet18, resnet34, resnet50, resnet101, ...)")
     return fn(weights=None, norm_layer=norm_layer(norm))
 
@@ -53,64 +53,42 @@ def resolve_arch(specs, arch: Optional[str] = None, *, allow_pickle: bool = Fals
         return arch
     for spec in specs:
         if spec != RANDOM and spec != "torchvision-supervised":
-            _, found = _load_state(spec, None, allow_pickle)
-            return found
+            return load_backbone_state_dict(spec, None, allow_pickle=allow_pickle)[1]
     return "resnet50"
 
 
-def _load_state(spec: str, arch: Optional[str], allow_pickle: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
-    from moco_zoo import load_backbone_state_dict
+def trunk_weights(spec: str, arch: Optional[str] = None, *, seed: int = 0,
+                  allow_pickle: bool = False) -> Tuple[Dict[str, torch.Tensor], str]:
+    """``(state dict, arch)`` of the backbone named by ``spec`` through the zoo's one resolver
+    (:func:`moco_zoo.load_backbone_state_dict`) and its one fit check (:func:`moco_zoo.convert.check_arch`, which
+    names ``spec`` and the architecture the weights look like). ``random`` is timm's initialisation under ``seed``."""
+    if spec == RANDOM:
+        arch = arch or "resnet50"
+    state, found = load_backbone_state_dict(spec, arch, allow_pickle=allow_pickle, seed=seed)
+    if arch and found != arch:
+        check_arch(state, arch, source=spec)
+    return {k: v for k, v in state.items() if not _ignored(k)}, arch or found
 
-    return load_backbone_state_dict(spec, arch, allow_pickle=allow_pickle)
 
-
-def check_backbone_keys(state: Dict[str, torch.Tensor], model: nn.Module, source: str, arch: str) -> None:
-    """Raise :class:`BackboneWeightsError` naming ``source`` unless ``state`` has exactly ``model``'s backbone
-    tensors (fc and num_batches_tracked ignored) with the same shapes."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if not _ignored(k)}
-    given = {k: tuple(v.shape) for k, v in state.items() if not _ignored(k)}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(given) if tuple(expected[k]) != given[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {k}: file has {list(given[k])}, "
-                         f"{arch} needs {list(expected[k])})")
-        raise BackboneWeightsError(
-            f"{source}: weights do not fit torchvision {arch}: {'; '.join(parts)}. Are these weights for another "
-            f"architecture? Pass the matching --arch.")
+def load_trunk(model: nn.Module, state: Dict[str, torch.Tensor], spec: str, arch: str) -> None:
+    """Load ``state`` into ``model`` (a torchvision or timm ResNet); anything but an exact fit is a
+    :class:`CheckpointError` naming ``spec``."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{spec}: weights do not fit {arch}: {str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in result.missing_keys if not _ignored(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{spec}: weights do not fit {arch}: missing {missing[:3]}, unexpected "
+                              f"{result.unexpected_keys[:3]}")
 
 
 def build_resnet(spec: str, arch: Optional[str] = None, norm: str = "bn", *, seed: int = 0,
                  allow_pickle: bool = False) -> Tuple[nn.Module, BackboneInfo]:
-    """A torchvision ResNet with the weights named by ``spec`` and the norm layer ``norm``.
-
-    ``spec == "random"`` initialises ``arch`` (default resnet50) with torchvision's init under ``seed``.
-    """
-    if spec == RANDOM:
-        arch = arch or "resnet50"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = torchvision_resnet(arch, norm)
-        return model, BackboneInfo(spec, arch, 0)
-    state, found_arch = _load_state(spec, arch, allow_pickle)
-    if arch and found_arch and found_arch.split(".")[0] != arch.split(".")[0]:
-        raise BackboneWeightsError(f"{spec}: weights are for {found_arch}, but the requested architecture is {arch} "
-                                   f"(pass --arch {found_arch})")
-    arch = arch or found_arch
+    """A torchvision ResNet with the weights named by ``spec`` and the norm layer ``norm``."""
+    state, arch = trunk_weights(spec, arch, seed=seed, allow_pickle=allow_pickle)
     model = torchvision_resnet(arch, norm)
-    check_backbone_keys(state, model, spec, arch)
-    state = {k: v for k, v in state.items() if not _ignored(k)}
-    result = model.load_state_dict(state, strict=False)
-    bad = [k for k in result.missing_keys if not _ignored(k)]
-    if bad or result.unexpected_keys:  # pragma: no cover - check_backbone_keys already caught these
-        raise BackboneWeightsError(f"{spec}: could not load {bad or result.unexpected_keys}")
+    load_trunk(model, state, spec, arch)
     return model, BackboneInfo(spec, arch, len(state))
 
 

@@ -4,105 +4,22 @@
 (``head_convs`` x [3x3 conv, BN, ReLU] of ``head_channels``, optional concat with the backbone features as in
 mmsegmentation's FCNHead, dropout) -> 1x1 conv classifier -> bilinear upsampling to the input size``.
 
-``head_convs=0`` gives the plain "1x1 conv classifier on the backbone features" variant. Dilation is applied after
-loading the weights by changing stride / dilation / padding of the 3x3 convs (and the stride of the shortcut), which
-works for BasicBlock (ResNet-18/34) and Bottleneck ResNets alike and keeps every weight shape.
-
-Backbone weights come from :func:`moco_zoo.load_backbone_state_dict` (zoo name, ``hf-hub:`` id, converted file,
-raw MoCo / linear-probe checkpoint, ``torchvision-supervised`` or ``random``), loaded strictly into a torchvision
-ResNet: weights for another architecture fail with an error naming the spec.
+``head_convs=0`` gives the plain "1x1 conv classifier on the backbone features" variant. The dilated trunk is timm's
+ResNet with ``output_stride`` (BasicBlock and Bottleneck ResNets alike; every weight shape unchanged), loaded with
+the weights through :func:`moco_zoo.transfer.modeling.backbone.trunk_weights` (the zoo's one resolver and fit
+check).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
-import torchvision
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-# MoCo backbones are trained on RGB images normalised with the ImageNet statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BackboneWeightsError(ValueError):
-    """Weights do not fit the requested architecture; the message names the weights spec / file."""
-
-
-def _ignored(key: str) -> bool:
-    return key.startswith(("fc.", "head.")) or key.endswith("num_batches_tracked")
-
-
-def make_resnet(arch: str) -> nn.Module:
-    name = arch.split(".")[0]
-    if name.startswith("tv_"):
-        name = name[3:]
-    fn = getattr(torchvision.models, name, None)
-    if fn is None or not ("resnet" in name or "resnext" in name):
-        raise BackboneWeightsError(f"architecture {arch!r} is not a ResNet: segmentation transfer builds torchvision "
-                                   f"ResNets (resnet18, resnet34, resnet50, resnet101, ...)")
-    return fn(weights=None)
-
-
-def load_resnet(spec: str, arch: Optional[str] = None, *, seed: int = 0,
-                allow_pickle: bool = False) -> Tuple[nn.Module, str]:
-    """A torchvision ResNet carrying the weights named by ``spec``; returns ``(model, arch)``."""
-    from moco_zoo import load_backbone_state_dict
-
-    if spec == "random" and not arch:
-        arch = "resnet50"
-    state, found = load_backbone_state_dict(spec, arch, allow_pickle=allow_pickle, seed=seed)
-    if arch and found and found.split(".")[0] != arch.split(".")[0]:
-        raise BackboneWeightsError(f"{spec}: weights are for {found}, but the requested architecture is {arch} "
-                                   f"(pass --arch {found})")
-    arch = arch or found
-    model = make_resnet(arch)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _ignored(k)}
-    given = {k: tuple(v.shape) for k, v in state.items() if not _ignored(k)}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {wrong[0]}: weights have "
-                         f"{list(given[wrong[0]])}, {arch} needs {list(expected[wrong[0]])})")
-        raise BackboneWeightsError(f"{spec}: weights do not fit torchvision {arch}: {'; '.join(parts)}. "
-                                   f"Are these weights for another architecture? Pass the matching --arch.")
-    model.load_state_dict({k: v for k, v in state.items() if not _ignored(k)}, strict=False)
-    return model, arch
-
-
-def _dilate_stage(stage: nn.Sequential, dilation: int, previous: int) -> None:
-    """Turn a stride-2 ResNet stage into a stride-1 stage with dilated 3x3 convs (shapes unchanged)."""
-    for i, block in enumerate(stage):
-        d = previous if i == 0 else dilation
-        for conv in block.modules():
-            if isinstance(conv, nn.Conv2d):
-                if conv.stride == (2, 2):
-                    conv.stride = (1, 1)
-                if conv.kernel_size == (3, 3):
-                    conv.dilation = (d, d)
-                    conv.padding = (d, d)
-
-
-def dilate_resnet(resnet: nn.Module, output_stride: int) -> None:
-    """Output stride 32 (unchanged), 16 (layer4 dilated x2) or 8 (layer3 x2, layer4 x4)."""
-    if output_stride == 32:
-        return
-    if output_stride == 16:
-        _dilate_stage(resnet.layer4, 2, 1)
-    elif output_stride == 8:
-        _dilate_stage(resnet.layer3, 2, 1)
-        _dilate_stage(resnet.layer4, 4, 2)
-    else:
-        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-
+from ..modeling.backbone import load_trunk, trunk_weights
 
 def _out_channels(resnet: nn.Module) -> int:
     block = resnet.layer4[-1]
@@ -135,24 +52,33 @@ class FCNHead(nn.Module):
         return self.classifier(self.dropout(y))
 
 
+def dilated_resnet(spec: str, arch: Optional[str], output_stride: int = 8, *, seed: int = 0,
+                   allow_pickle: bool = False) -> Tuple[nn.Module, str]:
+    """timm's ResNet at ``output_stride`` 8, 16 or 32 carrying ``spec``'s weights; returns ``(model, arch)``."""
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    state, arch = trunk_weights(spec, arch, seed=seed, allow_pickle=allow_pickle)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", output_stride=output_stride)
+    load_trunk(model, state, spec, arch)
+    return model, arch
+
+
 class FCNSegmenter(nn.Module):
     """ResNet trunk + FCN head; ``forward(images)`` returns logits at the input resolution (N x C x H x W).
 
     ``images`` are float RGB in [0, 1]; ImageNet normalisation happens inside the model (the MoCo convention).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 8, head_channels: int = 512,
-                 head_convs: int = 2, concat_input: bool = True, dropout: float = 0.1):
+    def __init__(self, backbone: nn.Module, num_classes: int, head_channels: int = 512, head_convs: int = 2,
+                 concat_input: bool = True, dropout: float = 0.1):
         super().__init__()
-        dilate_resnet(backbone, output_stride)
-        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.act1, backbone.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = (backbone.layer1, backbone.layer2, backbone.layer3,
                                                               backbone.layer4)
         self.head = FCNHead(_out_channels(backbone), num_classes, head_channels, head_convs, concat_input, dropout)
         self.num_classes = num_classes
-        self.output_stride = output_stride
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
 
     def backbone_modules(self):
         return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
@@ -217,8 +143,8 @@ def build_segmenter(spec: str, num_classes: int, arch: Optional[str] = None, *, 
                     norm: str = "bn", seed: int = 0, allow_pickle: bool = False,
                     device: Optional[torch.device] = None) -> Tuple[FCNSegmenter, str]:
     """An :class:`FCNSegmenter` whose backbone carries ``spec``'s weights; returns ``(model, arch)``."""
-    backbone, arch = load_resnet(spec, arch, seed=seed, allow_pickle=allow_pickle)
+    backbone, arch = dilated_resnet(spec, arch, output_stride, seed=seed, allow_pickle=allow_pickle)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the head's init is the same for every weights spec in a comparison
-        model = FCNSegmenter(backbone, num_classes, output_stride, head_channels, head_convs, concat_input, dropout)
+        model = FCNSegmenter(backbone, num_classes, head_channels, head_convs, concat_input, dropout)
     return convert_norm(model, norm, device), arch
