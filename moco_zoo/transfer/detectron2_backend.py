@@ -1,29 +1,75 @@
-"""Optional detectron2 engine (``--engine detectron2``): the MoCo detection configs, run by detectron2 itself.
+"""The detectron2 backend (``--engine detectron2``): the same transfer config run by detectron2's own trainer.
 
 detectron2 has no PyPI release; users build it from source. Nothing here imports detectron2 at module import time:
-:func:`detectron2_config_values` (the config as plain ``KEY -> value`` pairs) works without it, and everything that
-needs detectron2 calls :func:`require_detectron2`, which raises a clear error when it is missing.
+:func:`detectron2_config_values` works without it, and everything that needs it calls :func:`require_detectron2`.
 
-The config reproduces facebookresearch/moco ``detection/configs`` (Base-RCNN-C4-BN + pascal_voc_R_50_C4_24k_moco /
-coco_R_50_C4_{1,2}x_moco): R50-C4 with ``Res5ROIHeadsExtraNorm`` (registered here: BN after res5 in the box head),
-SyncBN, ``STRIDE_IN_1X1 False``, ``FREEZE_AT 0``, RGB input with ImageNet mean/std in 0-255 units, precise BN at test,
-and the MoCo backbone loaded from the detectron2 ``.pkl`` that ``moco-zoo convert --to detectron2`` writes
-(``matching_heuristics`` on). Schedules, sizes and batch come from the same resolved config as the torchvision engine.
+What is shared with the torchvision engine, so that the two backends are comparable run for run: the resolved config
+(every key is either mapped to its detectron2 setting in :data:`KEY_MAP` or refused by :func:`check_supported` with
+an error naming it), the data (detectron2 datasets are built from our VOC / COCO readers, with the same subsets),
+the weights (the zoo's resolver and ``moco_zoo.convert``'s detectron2 export), the evaluators (ours, behind
+detectron2's ``DatasetEvaluator`` interface) and the output files (``report.write_run``).
+
+The model is the MoCo detection config (facebookresearch/moco ``detection/configs``): R-C4 with
+``Res5ROIHeadsExtraNorm`` (a norm layer after res5 in the box head, registered here) or R-FPN, ``STRIDE_IN_1X1
+False``, ``FREEZE_AT 0``, RGB input with the ImageNet mean/std in 0-255 units.
 """
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .config import ConfigError, effective_batch
+
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = ("--engine detectron2 needs detectron2, which has no PyPI release: build it from source "
-                "(pip install 'git+https://github.com/facebookresearch/detectron2.git', see its INSTALL.md), "
-                "or use the built-in engine (--engine torchvision, the default)")
+                "(pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git', see its "
+                "INSTALL.md), or use the built-in engine (--engine torchvision, the default)")
 
-PIXEL_MEAN = [123.675, 116.28, 103.53]
-PIXEL_STD = [58.395, 57.12, 57.375]
+PIXEL_MEAN = [round(255 * m, 3) for m in IMAGENET_DEFAULT_MEAN]
+PIXEL_STD = [round(255 * s, 3) for s in IMAGENET_DEFAULT_STD]
 _DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
 _NORM = {"syncbn": "SyncBN", "bn": "BN", "frozen": "FrozenBN"}
+
+# Every config key of the detection schema and how detectron2 honours it ("" = bookkeeping, no model setting).
+KEY_MAP: Dict[str, str] = {
+    "task": "", "preset": "", "engine": "", "seed": "SEED",
+    "arch": "MODEL.RESNETS.DEPTH / RES2_OUT_CHANNELS", "norm": "MODEL.RESNETS.NORM",
+    "detector": "MODEL.BACKBONE.NAME, ROI_HEADS.NAME", "mask": "MODEL.MASK_ON",
+    "roi_resolution": "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION (C4; FPN pools 7x7 in both engines)",
+    "anchor_sizes": "MODEL.ANCHOR_GENERATOR.SIZES", "anchor_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+    "rpn_pre_nms_top_n_train": "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "rpn_pre_nms_top_n_test": "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "rpn_post_nms_top_n_train": "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "rpn_post_nms_top_n_test": "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "rpn_batch_size_per_image": "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    "box_batch_size_per_image": "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "box_detections_per_img": "TEST.DETECTIONS_PER_IMAGE", "box_score_thresh": "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    "box_nms_thresh": "MODEL.ROI_HEADS.NMS_THRESH_TEST",
+    "min_size_train": "INPUT.MIN_SIZE_TRAIN (choice)", "min_size_test": "INPUT.MIN_SIZE_TEST",
+    "max_size": "INPUT.MAX_SIZE_TRAIN / MAX_SIZE_TEST", "flip_prob": "INPUT.RANDOM_FLIP (0 or 0.5)",
+    "iters": "SOLVER.MAX_ITER", "batch_size": "SOLVER.IMS_PER_BATCH", "batch_per_rank": "SOLVER.IMS_PER_BATCH",
+    "lr": "SOLVER.BASE_LR (linear scaling rule applied)", "lr_reference_batch": "SOLVER.BASE_LR",
+    "lr_schedule": "SOLVER.LR_SCHEDULER_NAME (step only)", "steps": "SOLVER.STEPS (steps >= iters dropped)",
+    "gamma": "SOLVER.GAMMA", "poly_power": "(poly schedule refused)", "warmup_iters": "SOLVER.WARMUP_ITERS",
+    "warmup_factor": "SOLVER.WARMUP_FACTOR", "momentum": "SOLVER.MOMENTUM", "weight_decay": "SOLVER.WEIGHT_DECAY",
+    "weight_decay_norm": "SOLVER.WEIGHT_DECAY_NORM", "clip_grad_norm": "global-norm clipping in the optimizer step",
+    "precise_bn_iters": "TEST.PRECISE_BN", "device": "MODEL.DEVICE",
+    "precision": "SOLVER.AMP.ENABLED (fp16 on CUDA; auto = fp16 on CUDA, fp32 on CPU)",
+    "threads": "torch.set_num_threads", "workers": "DATALOADER.NUM_WORKERS",
+    "checkpoint_period": "SOLVER.CHECKPOINT_PERIOD", "log_period": "the PeriodicWriter period",
+    "eval_period": "(refused unless 0)", "test_batch_size": "(refused unless 1)",
+    "num_vis": "sample predictions drawn after testing", "vis_score_thresh": "sample predictions",
+    "find_unused_parameters": "(refused unless false)", "allow_pickle": "weights conversion",
+    "max_train_images": "the registered training dataset", "max_test_images": "the registered test dataset",
+    "train_sets": "the registered training dataset", "test_sets": "the registered test dataset",
+    "train_use_difficult": "the registered training dataset", "use_07_metric": "the VOC evaluator",
+    "train_split": "the registered training dataset", "test_split": "the registered test dataset",
+}
 
 
 def detectron2_available() -> bool:
@@ -39,23 +85,41 @@ def require_detectron2() -> None:
         raise ImportError(INSTALL_HINT)
 
 
-def detectron2_config_values(cfg: Dict[str, Any], arch: str, num_classes: int, weights_file: str,
+def check_supported(cfg: Any, device_type: str = "cpu") -> None:
+    """Refuse, naming the key, every value detectron2 cannot honour (instead of silently ignoring it)."""
+    unknown = sorted(set(cfg.keys()) - set(KEY_MAP))
+    if unknown:
+        raise ConfigError(f"config keys {unknown} have no detectron2 mapping (engine=detectron2)")
+    refusals = [
+        ("task", cfg["task"] == "voc_seg", "semantic segmentation runs on the torchvision engine only"),
+        ("lr_schedule", cfg["lr_schedule"] != "step", "detectron2 runs the step schedule (WarmupMultiStepLR)"),
+        ("eval_period", cfg["eval_period"] > 0, "periodic evaluation is not wired to detectron2's EvalHook here; "
+                                                "use 0 or the torchvision engine"),
+        ("test_batch_size", cfg["test_batch_size"] != 1, "detectron2 tests one image per batch"),
+        ("flip_prob", cfg["flip_prob"] not in (0.0, 0.5), "detectron2 flips with probability 0.5 or not at all"),
+        ("find_unused_parameters", bool(cfg["find_unused_parameters"]), "detectron2 builds its own DDP wrapper"),
+        ("precision", cfg["precision"] == "bf16" or (cfg["precision"] == "fp16" and device_type != "cuda"),
+         "detectron2's AMP trainer is fp16 on CUDA only"),
+    ]
+    for key, refused, why in refusals:
+        if refused:
+            raise ConfigError(f"config key {key!r}={cfg[key]!r} is not supported by --engine detectron2: {why}")
+
+
+def detectron2_config_values(cfg: Any, arch: str, num_classes: int, weights_file: str,
                              train_datasets: Sequence[str], test_datasets: Sequence[str], out_dir: str,
-                             world_size: int = 1) -> List[Tuple[str, Any]]:
+                             world_size: int = 1, device_type: str = "cpu") -> List[Tuple[str, Any]]:
     """detectron2 config keys and values equivalent to our resolved ``cfg`` (pure Python, no detectron2 needed)."""
     name = arch.split(".")[0]
     if name not in _DEPTH:
-        raise ValueError(f"detectron2 engine supports torchvision-style ResNets {sorted(_DEPTH)}, not {arch!r}")
+        raise ConfigError(f"config key 'arch'={arch!r}: the detectron2 engine builds ResNets {sorted(_DEPTH)}")
     depth = _DEPTH[name]
-    if cfg["detector"] not in ("c4", "fpn"):
-        raise ValueError(f"unknown detector {cfg['detector']!r}")
-    if cfg["detector"] == "c4" and depth < 50:
-        raise ValueError(f"detectron2's C4 res5 head is built from bottleneck blocks: use --detector fpn for {arch}, "
-                         f"or the torchvision engine (which builds C4 heads for any ResNet)")
-    from .config import effective_batch
-
-    total, _, lr = effective_batch(cfg, world_size)
     c4 = cfg["detector"] == "c4"
+    if c4 and depth < 50:
+        raise ConfigError(f"config key 'detector'='c4' with {arch}: detectron2's C4 res5 head is built from "
+                          f"bottleneck blocks; use detector=fpn, or the torchvision engine")
+    total, _, lr = effective_batch(cfg, world_size)
+    iters = int(cfg["iters"])
     values: List[Tuple[str, Any]] = [
         ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN"),
         ("MODEL.WEIGHTS", weights_file),
@@ -91,6 +155,7 @@ def detectron2_config_values(cfg: Dict[str, Any], arch: str, num_classes: int, w
         ("INPUT.MIN_SIZE_TEST", int(cfg["min_size_test"])),
         ("INPUT.MAX_SIZE_TRAIN", int(cfg["max_size"])),
         ("INPUT.MAX_SIZE_TEST", int(cfg["max_size"])),
+        ("INPUT.RANDOM_FLIP", "horizontal" if cfg["flip_prob"] > 0 else "none"),
         ("DATASETS.TRAIN", tuple(train_datasets)),
         ("DATASETS.TEST", tuple(test_datasets)),
         ("SOLVER.IMS_PER_BATCH", int(total)),
@@ -98,14 +163,16 @@ def detectron2_config_values(cfg: Dict[str, Any], arch: str, num_classes: int, w
         ("SOLVER.MOMENTUM", float(cfg["momentum"])),
         ("SOLVER.WEIGHT_DECAY", float(cfg["weight_decay"])),
         ("SOLVER.WEIGHT_DECAY_NORM", float(cfg["weight_decay_norm"])),
-        ("SOLVER.STEPS", tuple(int(s) for s in cfg["steps"])),
+        ("SOLVER.STEPS", tuple(int(s) for s in cfg["steps"] if int(s) < iters)),
         ("SOLVER.GAMMA", float(cfg["gamma"])),
-        ("SOLVER.MAX_ITER", int(cfg["iters"])),
+        ("SOLVER.MAX_ITER", iters),
         ("SOLVER.WARMUP_ITERS", int(cfg["warmup_iters"])),
         ("SOLVER.WARMUP_FACTOR", float(cfg["warmup_factor"])),
         ("SOLVER.CHECKPOINT_PERIOD", int(cfg["checkpoint_period"])),
+        ("SOLVER.AMP.ENABLED", device_type == "cuda" and cfg["precision"] in ("auto", "fp16")),
         ("TEST.PRECISE_BN.ENABLED", int(cfg["precise_bn_iters"]) > 0 and cfg["norm"] != "frozen"),
         ("TEST.PRECISE_BN.NUM_ITER", max(int(cfg["precise_bn_iters"]), 1)),
+        ("TEST.EVAL_PERIOD", 0),
         ("DATALOADER.NUM_WORKERS", int(cfg["workers"])),
         ("SEED", int(cfg["seed"])),
         ("OUTPUT_DIR", str(out_dir)),
@@ -128,7 +195,7 @@ def register_extra_norm_heads() -> None:
         return
 
     class Res5ROIHeadsExtraNorm(Res5ROIHeads):
-        """Res5ROIHeads with an extra BN after res5, as in the MoCo detection configs."""
+        """Res5ROIHeads with an extra norm layer after res5, as in the MoCo detection configs."""
 
         @classmethod
         def _build_res5_block(cls, cfg):
@@ -139,156 +206,87 @@ def register_extra_norm_heads() -> None:
     ROI_HEADS_REGISTRY.register(Res5ROIHeadsExtraNorm)
 
 
-def detectron2_weights(spec: str, arch: Optional[str], out_dir: Path, allow_pickle: bool = False) -> Tuple[str, str]:
-    """``(MODEL.WEIGHTS, arch)`` for a weights spec: a ``.pkl`` from ``moco-zoo convert --to detectron2`` is used as is
-    (``arch`` required); ``random`` trains from scratch; anything else is converted with moco_zoo's converter."""
+def detectron2_weights(spec: str, arch: str, out_dir: Path, *, seed: int = 0, allow_pickle: bool = False) -> str:
+    """``MODEL.WEIGHTS`` for a weights spec: ``random`` trains from detectron2's own initialisation; anything else goes
+    through the zoo's resolver and fit check and ``moco_zoo.convert``'s detectron2 export."""
     if spec == "random":
-        return "", arch or "resnet50"
-    if spec.endswith(".pkl"):
+        return ""
+    if spec.endswith(".pkl"):  # a detectron2 weight file: detectron2 unpickles it
         if not Path(spec).is_file():
             raise FileNotFoundError(f"{spec}: detectron2 weights file not found")
-        if not arch:
-            raise ValueError(f"{spec}: pass --arch for detectron2 .pkl weights (e.g. --arch resnet50)")
-        return spec, arch
-    from moco_zoo.backbones import load_backbone_state_dict
-    from moco_zoo.checkpoint import atomic_pickle_dump
-    from moco_zoo.convert import detectron2_key
+        if not allow_pickle:
+            raise ConfigError(f"{spec}: detectron2 .pkl weights are unpickled when loaded; pass --allow-pickle only if "
+                              f"you trust the file, or pass the checkpoint it was converted from")
+        return spec
+    from moco_zoo.convert import ConvertedCheckpoint, save_detectron2
 
-    sd, found = load_backbone_state_dict(spec, arch, allow_pickle=allow_pickle)
-    out = out_dir / "backbone_detectron2.pkl"
-    model = {detectron2_key(k): v.numpy() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    atomic_pickle_dump({"model": model, "__author__": "MOCO", "matching_heuristics": True}, out)
-    return str(out), found
+    from .modeling.backbone import trunk_weights
 
-
-def _register_datasets(cfg: Dict[str, Any], data_root: str, class_names: Sequence[str]) -> Tuple[List[str], List[str]]:
-    from detectron2.data import DatasetCatalog
-    root = Path(data_root)
-    if cfg["task"] == "voc_det":
-        from detectron2.data.datasets.pascal_voc import register_pascal_voc
-
-        if (root / "VOCdevkit").is_dir():
-            root = root / "VOCdevkit"
-        names = []
-        for item in list(cfg["train_sets"]) + list(cfg["test_sets"]):
-            year, split = item.replace(":", "-").replace("_", "-").split("-", 1)
-            name = f"moco_zoo_voc_{year}_{split}"
-            if name not in DatasetCatalog.list():
-                register_pascal_voc(name, str(root / f"VOC{year}"), split, int(year), list(class_names))
-            names.append(name)
-        return names[:-1], names[-1:]
-    from detectron2.data.datasets import register_coco_instances
-
-    names = []
-    for split in (cfg["train_split"], cfg["test_split"]):
-        name = f"moco_zoo_coco_{split}"
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, str(root / "annotations" / f"instances_{split}.json"), str(root / split))
-        names.append(name)
-    return names[:1], names[1:]
+    state, arch = trunk_weights(spec, arch, seed=seed, allow_pickle=allow_pickle)
+    converted = ConvertedCheckpoint(state_dict=state, arch=arch, source_format="backbone", path=spec)
+    return str(save_detectron2(converted, out_dir / "backbone_detectron2.pkl"))
 
 
-def run_detectron2(cfg: Dict[str, Any], weights: str, data_root: str, out_dir, *, resume: bool = False,
-                   eval_only: bool = False) -> Dict[str, Any]:
-    """Train and test with detectron2's DefaultTrainer; returns the same result dict as the torchvision engine."""
-    require_detectron2()
-    import os
+def dataset_dicts(dataset: Any, task: str) -> List[Dict[str, Any]]:
+    """detectron2 dataset dicts of one of our datasets (a VOCDetection / CocoInstances, possibly a Subset of one):
+    same images, same annotations and the same ``image_id`` as the torchvision engine sees, labels 0-based."""
+    from detectron2.structures import BoxMode
 
-    from detectron2.config import get_cfg
-    from detectron2.engine import DefaultTrainer, default_setup
-    from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
-    import detectron2.utils.comm as comm
-
-    from moco_zoo.data.voc import read_class_list
-
-    from .engine import report
-
-    from moco_zoo import device as devlib
-
-    devlib.init_distributed_from_env(None if cfg["device"] in ("auto", None) else cfg["device"])  # torchrun
-    if devlib.is_distributed() and hasattr(comm, "create_local_process_group"):
-        try:
-            comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", devlib.world_size())))
-        except Exception:  # already created by an earlier run in this process
-            pass
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    register_extra_norm_heads()
-    if cfg["task"] == "voc_det":
-        root = Path(data_root)
-        class_names = read_class_list(root / "VOCdevkit" if (root / "VOCdevkit").is_dir() else root)
-    else:
-        from moco_zoo.data.coco import validate_coco_json
-
-        data = validate_coco_json(Path(data_root) / "annotations" / f"instances_{cfg['train_split']}.json")
-        class_names = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
-    train_names, test_names = _register_datasets(cfg, data_root, class_names)
-    weights_file, arch = detectron2_weights(weights, cfg.get("arch"), out_dir, bool(cfg.get("allow_pickle")))
-    d2 = get_cfg()
-    d2_dir = out_dir / "detectron2"  # detectron2's own logs, metrics.json lines and checkpoints
-    for key, value in detectron2_config_values(cfg, arch, len(class_names), weights_file, train_names, test_names,
-                                               str(d2_dir), comm.get_world_size()):
-        node = d2
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = getattr(node, p)
-        setattr(node, leaf, value)
-    if cfg["device"] not in ("auto", None):
-        d2.MODEL.DEVICE = cfg["device"]
-    else:
-        import torch
-
-        d2.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    d2.freeze()
-    default_setup(d2, None)
-
-    class Trainer(DefaultTrainer):
-        @classmethod
-        def build_evaluator(cls, c, dataset_name, output_folder=None):
-            if cfg["task"] == "voc_det":
-                return PascalVOCDetectionEvaluator(dataset_name)
-            return COCOEvaluator(dataset_name, output_dir=str(out_dir / "inference"))
-
-    if eval_only:
-        from detectron2.checkpoint import DetectionCheckpointer
-
-        model = Trainer.build_model(d2)
-        DetectionCheckpointer(model, save_dir=str(d2_dir)).resume_or_load(d2.MODEL.WEIGHTS, resume=True)
-        results = Trainer.test(d2, model)
-    else:
-        trainer = Trainer(d2)
-        trainer.resume_or_load(resume=resume)
-        results = trainer.train()
-    metrics = _normalise_metrics(cfg["task"], results or {})
-    result = {"task": cfg["task"], "weights": weights, "arch": arch, "detector": cfg["detector"], "norm": cfg["norm"],
-              "iters": int(cfg["iters"]), "preset": cfg.get("preset"), "engine": "detectron2", "metrics": metrics,
-              "out_dir": str(out_dir)}
-    if comm.is_main_process():
-        report.write_json(out_dir / "metrics.json", result)
-        report.atomic_write_text(out_dir / "config.yaml", d2.dump())
-        report.atomic_write_text(out_dir / "results.md", report.markdown_table(cfg["task"], [result]))
-        report.plot_losses(detectron2_history(d2_dir / "metrics.json"), out_dir / "loss_curve.png",
-                           title=f"{cfg['task']} {weights} (detectron2)")
-    return result
-
-
-def _normalise_metrics(task: str, results: Dict[str, Any]) -> Dict[str, Any]:
-    """detectron2 evaluator output -> the torchvision engine's metric names."""
-    flat: Dict[str, Any] = {}
-    for v in results.values():  # {dataset: {"bbox": {...}, "segm": {...}}} or {"bbox": ...}
-        if isinstance(v, dict) and ("bbox" in v or "segm" in v):
-            flat.update(v)
-    if not flat:
-        flat = dict(results)
-    if task == "voc_det":
-        b = flat.get("bbox", {})
-        return {"AP50": b.get("AP50"), "AP": b.get("AP"), "AP75": b.get("AP75")}
-    out = {}
-    for kind in ("bbox", "segm"):
-        if kind in flat:
-            out[kind] = {k: float(v) for k, v in flat[kind].items() if k in
-                         ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    indices = list(getattr(dataset, "indices", range(len(dataset))))
+    base = getattr(dataset, "dataset", dataset)
+    out = []
+    for i in indices:
+        if task == "voc_det":
+            ann = base.get_annotation(i)
+            out.append({"file_name": str(base.image_path(i)), "image_id": i, "height": int(ann["height"]),
+                        "width": int(ann["width"]), "annotations": [
+                            {"bbox": [float(v) for v in box], "bbox_mode": BoxMode.XYXY_ABS,
+                             "category_id": int(label) - 1, "iscrowd": 0}
+                            for box, label in zip(ann["boxes"], ann["labels"])]})
+        else:
+            img_id = base.ids[i]
+            info = base.coco.imgs[img_id]
+            anns = []
+            for a in base.coco.imgToAnns.get(img_id, []):
+                entry = {"bbox": list(a["bbox"]), "bbox_mode": BoxMode.XYWH_ABS,
+                         "category_id": base.label_of[a["category_id"]] - 1, "iscrowd": int(a.get("iscrowd", 0))}
+                if "segmentation" in a:
+                    entry["segmentation"] = a["segmentation"]
+                anns.append(entry)
+            out.append({"file_name": str(base.image_path(i)), "image_id": img_id, "height": int(info["height"]),
+                        "width": int(info["width"]), "annotations": anns})
     return out
+
+
+class _EvaluatorAdapter:
+    """One of our evaluators behind detectron2's ``DatasetEvaluator`` interface (reset / process / evaluate):
+    detectron2 ``Instances`` become our output dicts (1-based labels, boxes in original image coordinates)."""
+
+    def __init__(self, evaluator: Any, keep_samples: int = 0):
+        self.evaluator = evaluator
+        self.keep_samples = keep_samples
+        self.samples: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
+
+    def reset(self) -> None:
+        self.evaluator.reset()
+        self.samples = []
+
+    def process(self, inputs, outputs) -> None:
+        targets, ours = [], []
+        for inp, out in zip(inputs, outputs):
+            inst = out["instances"].to("cpu")
+            o = {"boxes": inst.pred_boxes.tensor.float(), "scores": inst.scores.float(),
+                 "labels": inst.pred_classes.long() + 1}
+            if inst.has("pred_masks"):
+                o["masks"] = inst.pred_masks[:, None].float()
+            targets.append({"image_id": inp["image_id"]})
+            ours.append(o)
+            if len(self.samples) < self.keep_samples:
+                self.samples.append((inp, o))
+        self.evaluator.process(targets, ours)
+
+    def evaluate(self) -> Dict[str, Any]:
+        return self.evaluator.evaluate()
 
 
 def detectron2_history(path: Path) -> List[Dict[str, float]]:
@@ -309,3 +307,124 @@ def detectron2_history(path: Path) -> List[Dict[str, float]]:
             entry["lr"] = float(rec["lr"])
         history.append(entry)
     return history
+
+
+def run_detectron2(cfg: Any, weights: str, data_root: str, out_dir, *, resume: bool = False,
+                   eval_only: bool = False) -> Dict[str, Any]:
+    """Train and test with detectron2's DefaultTrainer; returns and writes what the torchvision engine does."""
+    require_detectron2()
+    import torch
+    import detectron2.utils.comm as comm
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.engine import DefaultTrainer, default_setup, hooks
+    from detectron2.evaluation import inference_on_dataset
+
+    from moco_zoo import device as devlib
+
+    from .engine import report
+    from .tasks import DetectionTask, model_name
+
+    device = devlib.init_distributed_from_env(None if cfg["device"] == "auto" else cfg["device"])
+    check_supported(cfg, device.type)
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    out_dir = Path(out_dir)
+    d2_dir = out_dir / "detectron2"  # detectron2's own logs, metrics.json lines and checkpoints
+    out_dir.mkdir(parents=True, exist_ok=True)
+    register_extra_norm_heads()
+    task = DetectionTask(cfg)
+    train_set, test_set, class_names = task.build_datasets(data_root)
+    arch = cfg["arch"] or "resnet50"
+    weights_file = detectron2_weights(weights, arch, out_dir, seed=int(cfg["seed"]),
+                                      allow_pickle=bool(cfg["allow_pickle"]))
+    names = []
+    for split, ds in (("train", train_set), ("test", test_set)):
+        name = f"moco_zoo_{cfg['task']}_{split}_{abs(hash((str(out_dir), split)))}"
+        if name not in DatasetCatalog.list():
+            dicts = dataset_dicts(ds, cfg["task"])
+            DatasetCatalog.register(name, lambda dicts=dicts: dicts)
+            MetadataCatalog.get(name).set(thing_classes=list(class_names))
+        names.append(name)
+    d2 = get_cfg()
+    for key, value in detectron2_config_values(cfg, arch, len(class_names), weights_file, names[:1], names[1:],
+                                               str(d2_dir), comm.get_world_size(), device.type):
+        node = d2
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = getattr(node, p)
+        setattr(node, leaf, value)
+    d2.MODEL.DEVICE = str(device)
+    d2.freeze()
+    default_setup(d2, None)
+    adapter = _EvaluatorAdapter(task.build_evaluator(test_set, class_names, device), int(cfg["num_vis"]))
+    clip = cfg["clip_grad_norm"]
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_evaluator(cls, c, dataset_name, output_folder=None):
+            return adapter
+
+        @classmethod
+        def build_optimizer(cls, c, model):
+            optimizer = super().build_optimizer(c, model)
+            if clip:  # the global gradient norm, as the torchvision engine (detectron2's own clips per parameter)
+                base = type(optimizer)
+
+                class GlobalNormClipped(base):
+                    def step(self, closure=None):
+                        torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]],
+                                                       float(clip))
+                        return super().step(closure)
+
+                optimizer.__class__ = GlobalNormClipped
+            return optimizer
+
+        def build_hooks(self):
+            out = [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+            for h in out:
+                if isinstance(h, hooks.PeriodicWriter):
+                    h._period = int(cfg["log_period"])
+            return out
+
+    t0 = time.perf_counter()
+    if eval_only:
+        model = Trainer.build_model(d2)
+        DetectionCheckpointer(model, save_dir=str(d2_dir)).resume_or_load(d2.MODEL.WEIGHTS, resume=True)
+        train_seconds, iteration = 0.0, int(cfg["iters"])
+    else:
+        trainer = Trainer(d2)
+        trainer.resume_or_load(resume=resume)
+        if resume and trainer.start_iter:
+            logger.info("resumed from %s at iteration %d", d2_dir, trainer.start_iter)
+        trainer.train()
+        model, train_seconds, iteration = trainer.model, time.perf_counter() - t0, int(cfg["iters"])
+    t1 = time.perf_counter()
+    metrics = dict(inference_on_dataset(model, Trainer.build_test_loader(d2, names[1]), adapter))
+    metrics["num_test_images"] = len(test_set)
+    history = detectron2_history(d2_dir / "metrics.json")
+    result = {
+        "task": cfg["task"], "engine": "detectron2", "weights": weights, "arch": arch, "model": model_name(cfg),
+        "norm": cfg["norm"], "iters": iteration, "preset": cfg["preset"], "seed": cfg["seed"], "metrics": metrics,
+        "eval_history": [], "train_seconds": round(train_seconds, 1),
+        "test_seconds": round(time.perf_counter() - t1, 1), "out_dir": str(out_dir),
+        "checkpoint": str(d2_dir / "model_final.pth"), "final_loss": history[-1]["loss"] if history else None,
+    }
+    if comm.is_main_process():
+        from moco_zoo.checkpoint import atomic_write_text
+
+        from .config import to_yaml
+
+        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(out_dir / "detectron2_config.yaml", d2.dump())
+        report.write_run(out_dir, result, metrics, history, class_names,
+                         f"{arch} {model_name(cfg)} on detectron2, norm {cfg['norm']}, preset {cfg['preset']}, "
+                         f"{iteration} iterations, global batch {d2.SOLVER.IMS_PER_BATCH}, lr {d2.SOLVER.BASE_LR:g}, "
+                         f"{comm.get_world_size()} process(es), {len(test_set)} test images.")
+        for i, (inp, output) in enumerate(adapter.samples):
+            from moco_zoo.data.voc import load_rgb, to_tensor
+
+            task.visualize(to_tensor(load_rgb(Path(inp["file_name"]))), None, output, class_names,
+                           out_dir / "predictions" / f"sample_{i:02d}.png")
+    return result

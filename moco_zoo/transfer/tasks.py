@@ -215,5 +215,12 @@ class SegmentationTask(Task):
         return {"head.": float(self.cfg.head_lr_mult)}
 
 
+def model_name(cfg: Any) -> str:
+    """``"FPN Mask R-CNN"``, ``"C4 Faster R-CNN"``, ``"FCN os8"``: the model column of result tables."""
+    if cfg["task"] == "voc_seg":
+        return f"FCN os{cfg['output_stride']}"
+    return f"{cfg['detector'].upper()} {'Mask' if cfg['mask'] else 'Faster'} R-CNN"
+
+
 def build_task(cfg: Any) -> Task:
     return SegmentationTask(cfg) if cfg["task"] == "voc_seg" else DetectionTask(cfg)

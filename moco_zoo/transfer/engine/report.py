@@ -221,3 +221,27 @@ def plot_seed_curves(task: str, results: Sequence[Dict[str, Any]], path: Path) -
     ax.legend(fontsize=7)
     ax.set_title(f"{task}: {label} (mean +- std over seeds)", fontsize=9)
     return _save_figure(fig, path)
+
+
+def write_run(out: Path, result: Dict[str, Any], metrics: Dict[str, Any], history: List[Dict[str, float]],
+              class_names: Sequence[str], description: str) -> None:
+    """The files of one run, the same for every backend: ``metrics.json`` (``result`` + class names + confusion),
+    ``history.json``, ``results.md``, ``loss_curve.png`` and ``eval_curve.png``."""
+    task = result["task"]
+    # segmentation metrics (and the confusion matrix) count the background as class 0
+    names = ["background", *class_names] if task == "voc_seg" else list(class_names)
+    write_json(out / "metrics.json", {**result, "class_names": names,
+                                      **({"confusion": metrics["confusion"]} if "confusion" in metrics else {})})
+    write_json(out / "history.json", history)
+    md = [f"# {task}: {result['weights']}", "", description, "", markdown_table(task, [result])]
+    per_class = metrics.get("per_class") or metrics.get("per_class_IoU")
+    if isinstance(per_class, dict):
+        label = "IoU" if task == "voc_seg" else "AP50"
+        md += ["", f"| class | {label} |", "|---|---|"]
+        for name, v in per_class.items():
+            val = v.get("AP50") if isinstance(v, dict) else v
+            md.append(f"| {name} | {'-' if val is None else f'{float(val):.1f}'} |")
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+    title = f"{task} {result['weights']} ({result.get('engine', 'torchvision')})"
+    plot_losses(history, out / "loss_curve.png", title=title)
+    plot_eval_history(result.get("eval_history") or [], task, out / "eval_curve.png", title=title)

@@ -21,7 +21,7 @@ from moco_zoo import device as devlib
 from moco_zoo.checkpoint import KIND_TRANSFER, CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 
 from .. import config as cfglib
-from ..tasks import build_task
+from ..tasks import build_task, model_name
 from . import report
 from .data import InfiniteSampler, SeededDataset, shard
 from .trainer import (Checkpointer, LRScheduler, MetricsWriter, PeriodicEval, PreciseBN, Trainer, lr_factor,
@@ -183,10 +183,7 @@ class TransferRun:
 
     # ------------------------------------------------------------------ outputs
     def model_name(self) -> str:
-        cfg = self.cfg
-        if cfg.task == "voc_seg":
-            return f"FCN os{cfg.output_stride}"
-        return f"{cfg.detector.upper()} {'Mask' if cfg.mask else 'Faster'} R-CNN"
+        return model_name(self.cfg)
 
     def write_outputs(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
         cfg, t = self.cfg, self.trainer
@@ -202,26 +199,10 @@ class TransferRun:
         if not devlib.is_main_process():
             return result
         out = self.out_dir
-        # segmentation metrics (and the confusion matrix) count the background as class 0
-        names = ["background", *self.class_names] if cfg.task == "voc_seg" else list(self.class_names)
-        report.write_json(out / "metrics.json", {**result, "class_names": names,
-                                                 **({"confusion": metrics["confusion"]} if "confusion" in metrics
-                                                    else {})})
-        report.write_json(out / "history.json", t.history)
-        md = [f"# {cfg.task}: {self.weights}", "",
-              f"{cfg.arch} {self.model_name()}, norm {cfg.norm}, preset {cfg.preset}, {t.iter} iterations, global "
-              f"batch {self.total_batch}, lr {self.lr:g}, {self.world} process(es), {metrics.get('num_test_images')} "
-              f"test images.", "", report.markdown_table(cfg.task, [result])]
-        per_class = metrics.get("per_class") or metrics.get("per_class_IoU")
-        if isinstance(per_class, dict):
-            label = "IoU" if cfg.task == "voc_seg" else "AP50"
-            md += ["", f"| class | {label} |", "|---|---|"]
-            for name, v in per_class.items():
-                val = v.get("AP50") if isinstance(v, dict) else v
-                md.append(f"| {name} | {'-' if val is None else f'{float(val):.1f}'} |")
-        atomic_write_text(out / "results.md", "\n".join(md) + "\n")
-        report.plot_losses(t.history, out / "loss_curve.png", title=f"{cfg.task} {self.weights}")
-        report.plot_eval_history(t.eval_history, cfg.task, out / "eval_curve.png", title=f"{cfg.task} {self.weights}")
+        report.write_run(out, result, metrics, t.history, self.class_names,
+                         f"{cfg.arch} {self.model_name()}, norm {cfg.norm}, preset {cfg.preset}, {t.iter} iterations, "
+                         f"global batch {self.total_batch}, lr {self.lr:g}, {self.world} process(es), "
+                         f"{metrics.get('num_test_images')} test images.")
         for i, (image, target, output) in enumerate(getattr(self, "samples", [])):
             self.task.visualize(image, target, output, self.class_names, out / "predictions" / f"sample_{i:02d}.png")
         return result
