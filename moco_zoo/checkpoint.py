@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, List, Union
 
 import torch
 
@@ -23,6 +24,10 @@ KIND_LINEAR_PROBE = "linear-probe"
 KIND_BACKBONE = "backbone"
 KIND_TRANSFER = "transfer"
 KINDS = (KIND_PRETRAIN, KIND_LINEAR_PROBE, KIND_BACKBONE, KIND_TRANSFER)
+
+
+# what tempfile.mkstemp(prefix=".<name>.", suffix=".tmp") creates in _atomic_write
+_TMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 class CheckpointError(ValueError):
@@ -106,3 +111,19 @@ def require_kind(obj: Dict[str, Any], kind: str, path: PathLike) -> None:
     found = checkpoint_kind(obj)
     if found != kind:
         raise CheckpointError(f"{path}: expected a checkpoint of kind {kind!r}, found {found or 'no kind field'!r}")
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[Path]:
+    """Delete the temporary files that :func:`atomic_torch_save` and friends leave when a process is killed during a
+    write (``.<name>.<random>.tmp`` beside their target) in ``directory``; only our own pattern is touched. Call it
+    at the start of a job, when no writer of this run is alive. Returns the removed paths."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        if p.is_file() and _TMP_PATTERN.match(p.name):
+            with _suppress():
+                p.unlink()
+                removed.append(p)
+    return removed

@@ -115,6 +115,11 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def is_main_process_env() -> bool:
+    """Rank 0 by the launcher's environment (``RANK``), usable before the process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed_from_env(device_request: Optional[str] = None) -> torch.device:
     """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1); return this rank's device."""
     device = default_device(device_request)

@@ -25,11 +25,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(e))
     from moco_zoo.logs import setup_logging
     from moco_zoo.pretrain.engine import train
+    from moco_zoo.runlock import RunLockedError
 
     setup_logging(cfg.output_dir)
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # DataError, UnknownArchError, CheckpointError: named causes
+    except (ValueError, OSError, RunLockedError) as e:  # DataError, UnknownArchError, CheckpointError: named causes
         print(f"main_moco: error: {e}", file=sys.stderr)
         return 2
     from moco_zoo.device import is_distributed, is_main_process

@@ -28,9 +28,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moco_zoo.checkpoint import (KIND_PRETRAIN, CheckpointError, atomic_torch_save, atomic_write_bytes,
-                                 checkpoint_kind, safe_torch_load)
+                                 checkpoint_kind, remove_stale_temporaries, safe_torch_load)
 from moco_zoo.device import (autocast, autocast_dtype, init_distributed_from_env, is_distributed, is_main_process,
-                             keep_host_memory_mapped, rank, world_size)
+                             is_main_process_env, keep_host_memory_mapped, rank, world_size)
+from moco_zoo.runlock import RunLock
 
 from .augment import TwoCropsTransform, pretrain_transform
 from .batched_augment import BatchedPhotometric, GeometricViews
@@ -590,9 +591,18 @@ class _ignore_missing:
 
 def train(cfg: MocoConfig) -> Dict[str, Any]:
     """Run (or resume) a pretraining job; returns a summary (final global step, last kNN metrics, checkpoint)."""
-    trainer = Trainer(cfg)
+    # one job per output directory; temporaries of writes killed in an earlier job are removed before anything reads
+    lock = RunLock(cfg.output_dir).acquire() if is_main_process_env() else None
     try:
-        return trainer.fit()
+        if lock is not None:
+            for p in remove_stale_temporaries(checkpoint_dir(cfg)):
+                logger.warning("removed %s, left by a checkpoint write that was killed", p)
+        trainer = Trainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            if is_distributed():
+                dist.barrier()
     finally:
-        if is_distributed():
-            dist.barrier()
+        if lock is not None:
+            lock.release()

@@ -135,8 +135,7 @@ def write_comparison(task: str, out: Path, results: List[Dict[str, Any]]) -> Opt
 def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
     from moco_zoo import device as devlib
     from moco_zoo.logs import setup_logging
-
-    from . import report
+    from moco_zoo.runlock import RunLock
 
     cfg = resolve_config(task, args)
     out = Path(args.output_dir)
@@ -151,8 +150,25 @@ def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
 
         # one architecture for every run of a comparison (random init gets the MoCo weights' architecture)
         cfg.arch = resolve_arch(args.weights, None, allow_pickle=bool(cfg.allow_pickle))
+    lock = RunLock(out).acquire() if devlib.is_main_process_env() else None
+    try:
+        return _run_all(task, args, cfg, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[str, Any]]:
+    from moco_zoo import device as devlib
+    from moco_zoo.checkpoint import remove_stale_temporaries
+
+    from . import report
+
     results = []
     for spec, seed, run_dir in _runs(out, args.weights, args.seeds):
+        if devlib.is_main_process_env():
+            for p in remove_stale_temporaries(run_dir):
+                logger.warning("removed %s, left by a write that was killed", p)
         if seed is not None:
             cfg.seed = seed
         if cfg.engine == "detectron2":
@@ -179,10 +195,11 @@ def main(task: str, argv: Optional[List[str]] = None) -> int:
     parser = build_parser(task)
     args = parser.parse_args(argv)
     from moco_zoo.checkpoint import CheckpointError
+    from moco_zoo.runlock import RunLockedError
 
     try:
         run(task, args)
-    except (ValueError, OSError, CheckpointError, ImportError, FloatingPointError) as e:
+    except (ValueError, OSError, CheckpointError, ImportError, FloatingPointError, RunLockedError) as e:
         if args.debug:
             raise
         print(f"{task}: error: {e}", file=sys.stderr)
