@@ -94,19 +94,15 @@ def _torchvision_state_dict(arch: str) -> Dict[str, torch.Tensor]:
 
 
 def _hf_state_dict(repo_id: str, arch: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
-    from huggingface_hub import hf_hub_download
+    from .hub import download
 
-    try:
-        weights = hf_hub_download(repo_id, "model.safetensors")
-    except Exception as e:
-        raise CheckpointError(f"hf-hub:{repo_id}: cannot fetch model.safetensors ({type(e).__name__}: {e})") from e
+    # through moco_zoo.hub.download: the weights are checked against the sha256 recorded in config.json
+    weights = download(repo_id, filename="model.safetensors")
     hub_arch = None
     try:
-        cfg_path = hf_hub_download(repo_id, "config.json")
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        hub_arch = _arch_from_hub_config(cfg)
-    except Exception:
+        with open(weights.parent / "config.json", encoding="utf-8") as f:
+            hub_arch = _arch_from_hub_config(json.load(f))
+    except (OSError, ValueError):
         hub_arch = None
     converted = to_canonical(weights, arch or hub_arch, source=f"hf-hub:{repo_id}")
     return converted.state_dict, converted.arch

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,8 @@ import yaml
 
 from .checkpoint import CheckpointError, atomic_write_text
 from .zoo import ZooEntry
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "HubFolder",
@@ -540,6 +543,8 @@ def prepare_hub_folder(
         records.append(FileRecord(DETECTRON2_FILE, (out / DETECTRON2_FILE).stat().st_size,
                                   sha256_file(out / DETECTRON2_FILE)))
     hub_config = build_hub_config(entry, structure, num_classes, label_names)
+    # the weights' checksums travel with the config, so every download can be verified (verify_hub_files)
+    hub_config[CHECKSUMS_KEY] = {r.name: {"sha256": r.sha256, "size": r.size} for r in records}
     atomic_write_text(out / CONFIG_FILE, json.dumps(hub_config, indent=2) + "\n")
     records.append(FileRecord(CONFIG_FILE, (out / CONFIG_FILE).stat().st_size, sha256_file(out / CONFIG_FILE)))
 
@@ -645,6 +650,64 @@ def resolve_repo_id(name: str) -> str:
     return entry.hub.repo_id
 
 
+CHECKSUMS_KEY = "moco_zoo_checksums"
+
+
+def _remove_cached(path: Path) -> None:
+    """Drop a file from the Hugging Face cache: the snapshot link and the blob it points to."""
+    blob = path.resolve()
+    for p in (path, blob):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def verify_hub_files(folder: PathLike, names: Optional[Sequence[str]] = None, *, source: str = "") -> List[str]:
+    """Check the files of a downloaded Hub folder against the sha256 (and size) recorded in its ``config.json``.
+
+    A mismatch removes the bad file from the cache (so the next call downloads it again) and raises
+    :class:`CheckpointError` naming the file and both hashes. Returns the names verified; folders without recorded
+    checksums (not published by moco-zoo) verify nothing."""
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get(CHECKSUMS_KEY) or {}
+    except (OSError, ValueError):
+        return []
+    verified = []
+    for name, expected in recorded.items():
+        path = folder / name
+        if (names is not None and name not in names) or not path.exists():
+            continue
+        size = path.stat().st_size
+        got = sha256_file(path)
+        if got != expected.get("sha256") or (expected.get("size") is not None and size != expected["size"]):
+            _remove_cached(path)
+            raise CheckpointError(
+                f"{source or folder}: {name} has sha256 {got} ({size} bytes) but config.json records "
+                f"{expected.get('sha256')} ({expected.get('size')} bytes): the file is corrupt or was altered; the "
+                f"cached copy was removed, download it again")
+        verified.append(name)
+    return verified
+
+
+def _network_error(e: BaseException) -> bool:
+    """A transport failure (connection cut, timeout) as raised by huggingface_hub's HTTP clients."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectionError", "TimeoutException", "TransportError", "RemoteProtocolError",
+                         "ReadTimeout", "ChunkedEncodingError", "ProtocolError", "IncompleteRead"})
+
+
+def _remove_incomplete(cache: PathLike, repo_id: str) -> None:
+    """Partial downloads of ``repo_id`` (``*.incomplete`` blobs) left by a cut connection."""
+    repo_dir = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    for p in repo_dir.glob("*.incomplete") if repo_dir.is_dir() else ():
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def download(name: str, *, revision: Optional[str] = None, filename: Optional[str] = None,
              endpoint: Optional[str] = None, cache_dir: Optional[PathLike] = None,
              local_files_only: Optional[bool] = None, token: Union[str, bool, None] = None) -> Path:
@@ -661,14 +724,34 @@ def download(name: str, *, revision: Optional[str] = None, filename: Optional[st
     offline = _env_true("HF_HUB_OFFLINE") if local_files_only is None else local_files_only
     kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=cache, endpoint=endpoint, token=token,
                   local_files_only=offline)
-    try:
-        if filename:
-            return Path(hf_hub_download(filename=filename, **kwargs))
-        return Path(snapshot_download(allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, DETECTRON2_FILE],
-                                      **kwargs))
-    except LocalEntryNotFoundError as e:
-        where = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in" if offline else "not reachable and not in"
-        raise FileNotFoundError(f"{name} ({repo_id}@{revision or 'main'}): {where} the cache {cache}") from e
+    where = f"{name} ({repo_id}@{revision or 'main'})"
+    for attempt in (0, 1):  # a corrupt cached file is removed by the check and fetched once more
+        try:
+            if filename:
+                path = Path(hf_hub_download(filename=filename, **kwargs))
+                if filename != CONFIG_FILE:
+                    hf_hub_download(filename=CONFIG_FILE, **kwargs)
+                verify_hub_files(path.parent, [filename], source=where)
+                return path
+            snapshot = Path(snapshot_download(allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, DETECTRON2_FILE],
+                                              **kwargs))
+            verify_hub_files(snapshot, source=where)
+            return snapshot
+        except CheckpointError:
+            if attempt or offline:
+                raise
+            logger.warning("%s: a cached file failed its checksum; downloading it again", where)
+        except LocalEntryNotFoundError as e:
+            state = "offline mode is on (HF_HUB_OFFLINE=1) and it is not in" if offline else "not reachable and not in"
+            raise FileNotFoundError(f"{where}: {state} the cache {cache}") from e
+        except Exception as e:
+            if not _network_error(e):
+                raise
+            _remove_incomplete(cache, repo_id)
+            raise ConnectionError(f"{where}: the download was interrupted ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'no detail'}); partial files were removed, "
+                                  f"run the same command again") from None
+    raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------------------------- import official

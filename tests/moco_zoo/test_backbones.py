@@ -110,6 +110,8 @@ def test_hf_hub_spec_from_offline_cache(ours, tmp_path, monkeypatch):
     # huggingface_hub reads HF_HUB_CACHE at import time: point it at this test's own cache explicitly
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # moco_zoo.hub.download reads them at call time
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snap = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
     commit = "0" * 40
     (snap / "refs").mkdir(parents=True)
