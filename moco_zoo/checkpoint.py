@@ -86,11 +86,19 @@ def safe_torch_load(path: PathLike, *, allow_pickle: bool = False, map_location:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format / a pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; it "
+                              f"starts with {head!r})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if allow_pickle:
-            return torch.load(path, map_location=map_location, weights_only=False)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False)
+            except Exception as e2:  # the file is untrusted input: any failure is this file's problem
+                raise CheckpointError(f"{path}: not a readable checkpoint ({type(e2).__name__}: {e2})") from None
         raise CheckpointError(
             f"{path}: refusing to unpickle arbitrary objects from this checkpoint (torch.load(weights_only=True) "
             f"failed: {str(e).splitlines()[0]}). Pass allow_pickle=True (CLI: --allow-pickle) only if you trust "

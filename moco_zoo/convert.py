@@ -30,6 +30,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -458,7 +459,7 @@ def to_canonical(
     else:
         # The "arch" recorded in the file (official names are mapped to timm), else a guess from the weights; a
         # candidate that does not fit the weights exactly is dropped rather than trusted.
-        final_arch = None
+        final_arch, recorded_mismatch = None, None
         for cand in (_arch_from_hint(hint), infer_arch(backbone)):
             if not cand or not _is_known_arch(cand):
                 continue
@@ -468,9 +469,14 @@ def to_canonical(
             try:
                 check_arch(backbone, cand, source=source)
             except CheckpointError:
+                if cand == _arch_from_hint(hint):
+                    recorded_mismatch = cand
                 continue
             final_arch = cand
             break
+        if recorded_mismatch and final_arch:
+            warnings.warn(f"{name}: the checkpoint records arch {hint!r} but its tensors are those of {final_arch!r}; "
+                          f"converting as {final_arch!r}", stacklevel=2)
     if final_arch in _MOCO_V3_ARCH_FIX and (
         fmt == FORMAT_OFFICIAL_V3 or hint in OFFICIAL_ARCH_TO_TIMM or meta.get("source_format") == FORMAT_OFFICIAL_V3
     ):

@@ -188,6 +188,12 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         extra["feature_cfg"] = dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
     model_args = dict(arch["args"])
     model_args.update(kwargs)
+    local_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    if local_file:
+        # timm would unpickle the file itself: read it through our safe loader first, so a bad file is an error naming it
+        from .convert import load_checkpoint_file
+
+        load_checkpoint_file(local_file)
     return build_model_with_cfg(
         arch["cls"], variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **extra, **model_args
     )
