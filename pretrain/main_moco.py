@@ -23,6 +23,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    from moco_zoo.errors import error_line
     from moco_zoo.logs import setup_logging
     from moco_zoo.pretrain.engine import train
     from moco_zoo.runlock import RunLockedError
@@ -31,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         summary = train(cfg)
     except (ValueError, OSError, RunLockedError) as e:  # DataError, UnknownArchError, CheckpointError: named causes
-        print(f"main_moco: error: {e}", file=sys.stderr)
+        print(f"main_moco: error: {error_line(e)}", file=sys.stderr)
         return 2
     from moco_zoo.device import is_distributed, is_main_process
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any, Dict
 
@@ -9,7 +10,12 @@ FORMATS = ("imagefolder", "voc", "coco")
 
 
 def add_commands(subparsers: Any) -> None:
-    """Register ``make-data`` on the ``moco-zoo`` parser."""
+    """Register ``make-data`` and ``verify-data`` on the ``moco-zoo`` parser."""
+    add_make_data(subparsers)
+    add_verify(subparsers)
+
+
+def add_make_data(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "make-data",
         help="generate a synthetic objects-in-scenes dataset (ImageFolder, VOC or COCO layout)",
@@ -18,7 +24,8 @@ def add_commands(subparsers: Any) -> None:
         "(annotations/instances_*2017.json, train2017/, val2017/). Same seed, same bytes.",
     )
     p.add_argument("format", choices=FORMATS, help="dataset layout to write")
-    p.add_argument("--out", required=True, help="output directory (must be absent or empty unless --overwrite)")
+    p.add_argument("--output-dir", "--out", dest="out", required=True,
+                   help="output directory (must be absent or empty unless --overwrite; --out is an alias)")
     p.add_argument("--num-images", type=int, default=None,
                    help="number of images (imagefolder/coco: train+val, default 800/200; voc: per year, default 200)")
     p.add_argument("--image-size", type=int, default=None,
@@ -55,4 +62,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = write_coco(args.out, **kwargs)
     print(f"wrote {args.format} dataset to {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def add_verify(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "verify-data", help="decode every image under PATH and list all the files that do not decode",
+        description="Decode every image below PATH (an ImageFolder, a VOCdevkit, a COCO root or any folder) with a "
+                    "progress bar and list all the bad files at once; exit 2 if there are any.")
+    p.add_argument("path", help="dataset root or image file")
+    p.set_defaults(func=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from .verify import find_bad_images, image_files, report_bad_images
+
+    files = image_files(args.path)
+    bad = find_bad_images(files)
+    if bad:
+        print(report_bad_images(bad, len(files)), file=sys.stderr)
+        return 2
+    print(f"{args.path}: all {len(files)} images decode")
     return 0

@@ -60,6 +60,8 @@ class MocoConfig:
     workers: int = 4
     pin_memory: bool = True
     persistent_workers: bool = True  # only used with workers > 0
+    verify_images: bool = False  # decode every training image before training; list all bad files at once
+    skip_bad_images: bool = False  # train without the images that do not decode (implies the check), with a warning
     synthetic_images: int = 800  # --data synthetic: number of generated images
     synthetic_size: int = 64  # --data synthetic: generated image size
     # optimisation
@@ -155,6 +157,8 @@ _FLAGS: Sequence[tuple] = (
     ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),
     ("--image-size", "image_size", int, "crop size (224)"),
     ("-j", "workers", int, "DataLoader worker processes per rank"),
+    ("--verify-images", "verify_images", "bool", "decode every training image first and list all bad files"),
+    ("--skip-bad-images", "skip_bad_images", "bool", "train without images that do not decode (warns, counts them)"),
     ("--synthetic-images", "synthetic_images", int, "--data synthetic: number of images"),
     ("--synthetic-size", "synthetic_size", int, "--data synthetic: image size in pixels"),
     ("--epochs", "epochs", int, "number of epochs"),

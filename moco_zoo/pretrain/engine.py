@@ -37,7 +37,8 @@ from .augment import TwoCropsTransform, pretrain_transform
 from .batched_augment import BatchedPhotometric, GeometricViews
 from .builder import MoCo
 from .config import MocoConfig
-from .data import ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root, resolve_split
+from .data import (CorruptImageError, ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root,
+                   resolve_split)
 from .shuffle_bn import resolve_shuffle_mode
 
 logger = logging.getLogger(__name__)
@@ -278,6 +279,8 @@ class Trainer:
         else:
             transform = TwoCropsTransform(pretrain_transform(cfg.aug, cfg.image_size))
         self.dataset = ImageFolderDataset(resolve_split(self.data_root, "train"), transform)
+        if cfg.verify_images or cfg.skip_bad_images:
+            self._drop_bad_images()
         self.sampler = ResumableBatchSampler(len(self.dataset), self.local_batch, rank=self.rank,
                                              world_size=self.world, seed=cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -325,6 +328,23 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
 
     # ----------------------------------------------------------------------------------------- setup helpers
+    def _drop_bad_images(self) -> None:
+        """Decode every training image first: list all bad files at once, or skip them (``skip_bad_images``)."""
+        from moco_zoo.data.verify import find_bad_images, report_bad_images
+
+        ds = self.dataset
+        bad = find_bad_images([p for p, _ in ds.samples], progress=self.main and self.cfg.progress)
+        if not bad:
+            return
+        if not self.cfg.skip_bad_images:
+            raise CorruptImageError(report_bad_images(bad, len(ds.samples)) + "\nremove or replace them, or set "
+                                    "skip_bad_images=true")
+        skip = {p for p, _ in bad}
+        ds.samples = [s for s in ds.samples if s[0] not in skip]
+        ds.targets = [t for _, t in ds.samples]
+        logger.warning("skipping %d of %d training images that do not decode (skip_bad_images): %s", len(bad),
+                       len(bad) + len(ds.samples), ", ".join(p for p, _ in bad[:5]) + (" ..." if len(bad) > 5 else ""))
+
     def _build_knn(self):
         cfg = self.cfg
         if cfg.knn_every <= 0:
