@@ -83,3 +83,107 @@ def test_a_tampered_served_file_is_refused_by_every_moco_zoo_path(published):
         with pytest.raises(CheckpointError, match="model.safetensors has sha256"):
             moco_zoo.load_backbone(f"hf-hub:{REPO}")
     assert not list(cache.rglob("model.safetensors"))  # nothing bad stays in the cache
+
+
+class _CuttingProxy:
+    """A loopback TCP proxy in front of the Hub test server that cuts the first response longer than ``cut_after``
+    bytes (a weights file: config and card are smaller) mid-body; the fault comes from outside the client's code."""
+
+    def __init__(self, upstream: str, cut_after: int = 200_000):
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        u = urlsplit(upstream)
+        self.upstream = (u.hostname, u.port)
+        self.cut_after, self.cuts, self.max_cuts = cut_after, 0, 1
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import socket
+        import threading
+
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client, socket.create_connection(self.upstream)),
+                             daemon=True).start()
+
+    def _handle(self, client, server):
+        import threading
+
+        request = client.recv(65536)
+        server.sendall(request)
+
+        def pump_up():
+            try:
+                while True:
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    server.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=pump_up, daemon=True).start()
+        sent = 0
+        try:
+            while True:
+                data = server.recv(65536)
+                if not data:
+                    break
+                if self.cuts < self.max_cuts and sent + len(data) > self.cut_after:
+                    self.cuts += 1
+                    client.sendall(data[: self.cut_after - sent])
+                    break  # the connection is cut mid-body
+                client.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            server.close()
+
+    def close(self):
+        self._stop = True
+        self.sock.close()
+
+
+def test_a_cut_connection_is_resumed_or_one_line(published, capsys, monkeypatch):
+    """A transfer cut mid-body by a loopback proxy is resumed by huggingface_hub and then verified; a transport
+    error that survives its retries is one line, with the partial blobs removed."""
+    server, endpoint, cache, folder, _ = published
+    proxy = _CuttingProxy(endpoint)
+    try:
+        from moco_zoo.cli import main
+
+        with hub_client_pointed_at(proxy.endpoint, offline=False, cache_dir=cache):
+            assert main(["download", REPO]) == 0 and proxy.cuts == 1
+            snapshot = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        assert hub.verify_hub_files(snapshot) == ["model.safetensors", "detectron2.pkl"]
+    finally:
+        proxy.close()
+    import huggingface_hub
+
+    class RemoteProtocolError(Exception):  # the name httpx gives a connection closed mid-body
+        pass
+
+    partial = cache / f"models--{REPO.replace('/', '--')}" / "blobs" / "abc.incomplete"
+    partial.write_bytes(b"partial")
+
+    def cut(*args, **kwargs):
+        raise RemoteProtocolError("peer closed connection without sending complete message body")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cut)
+    with hub_client_pointed_at(endpoint, offline=False, cache_dir=cache):
+        assert main(["download", REPO]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the download was interrupted (RemoteProtocolError" in err
+    assert not partial.exists()

@@ -114,7 +114,7 @@ def test_cli_end_to_end_compare_resume_eval_only(synthetic_voc, tmp_path):
     out = tmp_path / "run"
     assert main("voc_seg", _tiny_args(synthetic_voc, out, ["random", str(wfile)])) == 0
     table = (out / "comparison.md").read_text()
-    assert "| random | resnet18 | FCN os16 | 2 |" in table and "tv_r18" in table
+    assert "| random | resnet18 | FCN os8 | 2 |" in table and "tv_r18" in table
     run = out / "random"
     for name in ("config.yaml", "metrics.json", "results.md", "loss_curve.png", "checkpoint_last.pth", "log.txt"):
         assert (run / name).is_file() or (out / name).is_file(), name
