@@ -15,6 +15,7 @@ COMMAND_MODULES = ("moco_zoo.data.cli", "moco_zoo.zoo_cli")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moco-zoo", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -25,12 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .errors import EXPECTED_ERRORS, report
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-        # Library errors name the file and the problem; show them without a traceback.
-        print(f"moco-zoo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS as e:  # library errors name the file and the problem: one line, no traceback
+        return report(f"moco-zoo {args.command}", e, args.debug)
 
 
 if __name__ == "__main__":

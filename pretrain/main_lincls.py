@@ -23,16 +23,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    from moco_zoo.errors import error_line
+    from moco_zoo.errors import EXPECTED_ERRORS, report
     from moco_zoo.logs import setup_logging
     from moco_zoo.pretrain.lincls import run_linear_probe
 
     setup_logging(cfg.output_dir)
     try:
         result = run_linear_probe(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"main_lincls: error: {error_line(e)}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS as e:
+        return report("main_lincls", e)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     return 0
 

@@ -23,17 +23,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    from moco_zoo.errors import error_line
+    from moco_zoo.errors import EXPECTED_ERRORS, report
     from moco_zoo.logs import setup_logging
     from moco_zoo.pretrain.engine import train
-    from moco_zoo.runlock import RunLockedError
 
     setup_logging(cfg.output_dir)
     try:
         summary = train(cfg)
-    except (ValueError, OSError, RunLockedError) as e:  # DataError, UnknownArchError, CheckpointError: named causes
-        print(f"main_moco: error: {error_line(e)}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS as e:  # DataError, UnknownArchError, CheckpointError, RunLockedError: named causes
+        return report("main_moco", e)
     from moco_zoo.device import is_distributed, is_main_process
 
     main_process = is_main_process()

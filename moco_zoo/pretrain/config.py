@@ -203,6 +203,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--preset", default=None, help=f"config preset: {', '.join(preset_names())} (default: "
                    "paper-v2, or the paper preset of --moco-version)")
     p.add_argument("--config-file", default=None, help="YAML file of config keys applied after the preset")
+    p.add_argument("--debug", action="store_true", default=None, help="show the traceback of an error")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys (values parsed as YAML), e.g. --set knn_every=5 lr_steps=[60,80]")
     for flag, name, kind, help_ in _FLAGS:
@@ -243,7 +244,7 @@ def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, fla
 
 def config_from_args(args: argparse.Namespace) -> MocoConfig:
     """Preset < config file < explicit flags < ``--set``."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "debug"}
     data = given.pop("data_opt", None) or given.pop("data", None)
     given.pop("data", None)
     preset, config_file = given.pop("preset", None), given.pop("config_file", None)

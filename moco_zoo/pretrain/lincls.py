@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-size", type=int, default=d.synthetic_size)
     p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=d.knn,
                    help="also report kNN top-1 (k=200, t=0.1) of the frozen backbone features")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> LinclsConfig:
     values = vars(args).copy()
+    values.pop("debug", None)
     data = values.pop("data_opt", None) or values.pop("data", None)
     values.pop("data", None)
     if not data:

@@ -60,3 +60,8 @@ def test_recorded_arch_contradicting_the_tensors_warns_naming_both(tmp_path):
     torch.save({"arch": "resnet50", "state_dict": torchvision.models.resnet18().state_dict()}, path)
     with pytest.warns(UserWarning, match="records arch 'resnet50' but its tensors are those of 'resnet18'"):
         assert to_canonical(path).arch == "resnet18"
+
+
+def test_debug_shows_the_traceback(bad_files):
+    with pytest.raises(CheckpointError, match="random.bin"):
+        main(["--debug", "convert", str(bad_files["random.bin"]), "--to", "timm", "--out", "x.safetensors"])

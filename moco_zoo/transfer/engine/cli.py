@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -194,16 +193,12 @@ def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[s
 def main(task: str, argv: Optional[List[str]] = None) -> int:
     parser = build_parser(task)
     args = parser.parse_args(argv)
-    from moco_zoo.checkpoint import CheckpointError
-    from moco_zoo.runlock import RunLockedError
+    from moco_zoo.errors import EXPECTED_ERRORS, report
 
     try:
         run(task, args)
-    except (ValueError, OSError, CheckpointError, ImportError, FloatingPointError, RunLockedError) as e:
-        if args.debug:
-            raise
-        print(f"{task}: error: {e}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS as e:
+        return report(task, e, args.debug)
     finally:
         import torch.distributed as dist
 
