@@ -164,15 +164,23 @@ def _prefetch_verified(variant: str, kwargs: Dict[str, Any]) -> None:
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
     )
-    if cfg.state_dict is not None or cfg.file or cfg.source in ("hf-hub", "local-dir") or not cfg.url:
+    if cfg.state_dict is not None or cfg.file or cfg.source in ("hf-hub", "local-dir"):
         return
     if cfg.hf_hub_id:
         try:
             import huggingface_hub  # noqa: F401
-
-            return  # timm prefers the Hub copy
         except ImportError:
-            pass
+            huggingface_hub = None
+        if huggingface_hub is not None:
+            # timm prefers the Hub copy: fetch it into the HF cache through moco_zoo.hub.download, which checks the
+            # sha256 recorded in its config.json (and repairs a bad cached copy) before timm reads the same file
+            from .hub import download
+
+            hub_id = cfg.hf_hub_id.split("@")[0]
+            download(hub_id, filename=cfg.hf_hub_filename or "model.safetensors")
+            return
+    if not cfg.url:
+        return
     entry = zoo.find_entry(f"{variant}.{cfg.tag}" if cfg.tag else variant)
     md5 = entry.source.md5_prefix if entry is not None else None
     url = cfg.url if isinstance(cfg.url, str) else cfg.url[0]

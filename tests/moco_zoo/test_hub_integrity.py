@@ -187,3 +187,21 @@ def test_a_cut_connection_is_resumed_or_one_line(published, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the download was interrupted (RemoteProtocolError" in err
     assert not partial.exists()
+
+
+def test_timm_through_the_registered_zoo_models_verifies_the_hub_copy(published):
+    """`timm.create_model(<zoo model>, pretrained=True)` for a published entry fetches through moco_zoo.hub.download."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    server, endpoint, cache, folder, expected = published
+    cfg = dict(get_pretrained_cfg("moco_r18").to_dict(), hf_hub_id=REPO, url=None)
+    with hub_client_pointed_at(endpoint, offline=False, cache_dir=cache):
+        model = timm.create_model("moco_r18", pretrained=True, pretrained_cfg=cfg)
+        assert torch.equal(model.state_dict()["conv1.weight"], expected["conv1.weight"])
+        _flip_byte(server._blob_path(server.list_files(REPO)["model.safetensors"]["sha256"]))
+        for p in cache.rglob("model.safetensors"):
+            p.resolve().unlink()
+            p.unlink()
+        with pytest.raises(CheckpointError, match="model.safetensors has sha256"):
+            timm.create_model("moco_r18", pretrained=True, pretrained_cfg=cfg)
