@@ -717,7 +717,7 @@ def download(name: str, *, revision: Optional[str] = None, filename: Optional[st
     ``HF_HUB_OFFLINE``): offline, only cached files are returned.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo_id = resolve_repo_id(name)
     cache = str(cache_dir) if cache_dir is not None else _current_cache_dir()
@@ -730,7 +730,10 @@ def download(name: str, *, revision: Optional[str] = None, filename: Optional[st
             if filename:
                 path = Path(hf_hub_download(filename=filename, **kwargs))
                 if filename != CONFIG_FILE:
-                    hf_hub_download(filename=CONFIG_FILE, **kwargs)
+                    try:  # the recorded checksums; a repo not published by moco-zoo may have no config.json
+                        hf_hub_download(filename=CONFIG_FILE, **kwargs)
+                    except (LocalEntryNotFoundError, EntryNotFoundError):
+                        logger.debug("%s: no config.json, so no recorded checksums", where)
                 verify_hub_files(path.parent, [filename], source=where)
                 return path
             snapshot = Path(snapshot_download(allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, DETECTRON2_FILE],

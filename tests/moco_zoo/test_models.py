@@ -248,6 +248,8 @@ def test_pretrained_from_hub_once_published(official_v2, tmp_path, monkeypatch):
     path, encoder = official_v2
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # moco_zoo.hub.download reads them at call time
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = "moco-zoo-test/moco_r50.v2_800ep"
     snap = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
     commit = "1" * 40
