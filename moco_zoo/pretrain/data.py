@@ -7,6 +7,7 @@ sampler can restart in the middle of an epoch (``set_epoch(epoch, start_step)``)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -108,6 +109,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return _mix64(seed, epoch, index)
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Inside: torch's CPU generator and ``random`` seeded with ``seed``; their states are restored afterwards."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    # The CPU generator only: torch.manual_seed also queues a lazy CUDA/XPU/MTIA seeding call that records a Python
+    # traceback when no device is initialised (~0.2 ms per sample on this CPU).
+    torch.default_generator.manual_seed(int(seed))
+    random.seed(int(seed))
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
 class ImageFolderDataset(Dataset):
     """``(transform(image), target, index)`` for every image of an ImageFolder tree.
 
@@ -135,16 +151,8 @@ class ImageFolderDataset(Dataset):
             if seed is None:
                 img = self.transform(img)
             else:
-                torch_state, py_state = torch.get_rng_state(), random.getstate()
-                # The CPU generator only: torch.manual_seed also queues a lazy CUDA/XPU/MTIA seeding call that
-                # records a Python traceback when no device is initialised (~0.2 ms per sample on this CPU).
-                torch.default_generator.manual_seed(seed)
-                random.seed(seed)
-                try:
+                with seeded_rng(seed):
                     img = self.transform(img)
-                finally:
-                    torch.set_rng_state(torch_state)
-                    random.setstate(py_state)
         return img, target, index
 
 

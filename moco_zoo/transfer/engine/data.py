@@ -1,13 +1,12 @@
 """Detection datasets and training transforms, and the engine's sampler: an infinite, seeded, resumable stream."""
 from __future__ import annotations
 
-import random
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
 
-from moco_zoo.pretrain.data import sample_seed
+from moco_zoo.pretrain.data import sample_seed, seeded_rng
 
 
 class TrainTransform:
@@ -96,14 +95,8 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: Tuple[int, int]):
         index, seed = item
-        torch_state, py_state = torch.get_rng_state(), random.getstate()
-        torch.default_generator.manual_seed(int(seed))
-        random.seed(int(seed))
-        try:
+        with seeded_rng(seed):
             return self.dataset[int(index)]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
 
 
 def shard(dataset: Dataset, rank: int, world_size: int, limit: Optional[int] = None) -> Subset:
