@@ -292,7 +292,7 @@ class Demo:
         config = self._write_demo_hub_config(Path(checkpoint))
         hf_home = self.out / "hf_home"
         hub_dir = self.out / "hub" / DEMO_REPO_ID.replace("/", "__")
-        from moco_zoo.testing import LocalHubServer
+        from tools.hub_server import LocalHubServer
 
         check = _python("-m", "tools.demo", "--check-hub-load", DEMO_REPO_ID, "--checkpoint", checkpoint)
         base_env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_DISABLE_XET": "1",

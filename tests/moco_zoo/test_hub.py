@@ -1,6 +1,6 @@
 """Hub folders, model cards, publish / download / import-official, end to end against the local Hub test server.
 
-The end-to-end test runs the real huggingface_hub client against moco_zoo.testing.LocalHubServer on 127.0.0.1:
+The end-to-end test runs the real huggingface_hub client against tools.hub_server.LocalHubServer on 127.0.0.1:
 publish with the CLI, then hf_hub_download, plain timm `hf-hub:` (in a subprocess that never imports moco_zoo) and the
 zoo name `moco_r50.v2_800ep` load the same tensors; after the server is shut down the same loads succeed from the cache
 with offline mode on. Nothing here touches the real network.
@@ -32,7 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from moco_zoo import hub, zoo  # noqa: E402
 from moco_zoo.checkpoint import CheckpointError  # noqa: E402
-from moco_zoo.testing import LocalHubServer, hub_client_pointed_at  # noqa: E402
+from tools.hub_server import LocalHubServer, hub_client_pointed_at  # noqa: E402
 from moco_zoo.zoo_cli import add_commands  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import torch
 
 from moco_zoo import hub
 from moco_zoo.checkpoint import CheckpointError
-from moco_zoo.testing import LocalHubServer, hub_client_pointed_at
+from tools.hub_server import LocalHubServer, hub_client_pointed_at
 
 from .test_hub import _official_v2, _small_config
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moco_zoo.testing import LocalHubServer, hub_client_pointed_at
+from tools.hub_server import LocalHubServer, hub_client_pointed_at
 
 hf = pytest.importorskip("huggingface_hub")
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download  # noqa: E402
