@@ -8,11 +8,8 @@ Sections (each prints a table; best-of-N wall time and the process CPU time of t
 
 * ``encoder``: ResNet forward+backward (query side) + no-grad forward (key side) in fp32 / bf16 autocast and
   NCHW / channels_last, with plain BatchNorm and with the engine's SplitBatchNorm2d (single-device shuffle-BN
-  emulation, G groups) in its two groupings: ``split`` is what the MoCo module runs (``grouping="blocks"``: the
-  input reordered with ``split_block_order``, one native batch_norm per contiguous block, keeps channels_last) and
-  ``split-interleaved`` (groups folded into channels with a reshape: a copy to NCHW at every BN layer for a
-  channels_last input; the engine's implementation before the change). Same math in both.
-  The BN variants of one (arch, layout, precision) are timed in alternation, so they share the machine's load.
+  emulation, G groups) as the MoCo module runs it (the input reordered with ``split_block_order``, one native
+  batch_norm per contiguous block, keeps channels_last). The BN variants of one (arch, layout, precision) are timed in alternation, so they share the machine's load.
 * ``momentum``: key-encoder momentum update, per-parameter Python loop (the original code) vs torch._foreach ops.
 * ``logits``: InfoNCE logits forward+backward: einsum positives + einsum over ``queue.clone()`` + cat + in-place
   divide (the original code) vs one mm against the queue without a clone (ours), fp32 and bf16.
@@ -67,7 +64,6 @@ def encoder_section(args) -> List[Dict[str, Any]]:
     cases = [("resnet50", 224, args.r50_batch), ("resnet18", 64, args.r18_batch)]
     if args.quick:
         cases = [("resnet18", 64, 8)]
-    groupings = {"bn": None, "split": "blocks", "split-interleaved": "interleaved"}
     for arch, size, batch in cases:
         x0 = torch.randn(batch, 3, size, size)
         for layout in args.layouts.split(","):
@@ -80,11 +76,11 @@ def encoder_section(args) -> List[Dict[str, Any]]:
                 for bn in args.bn_modes.split(","):
                     torch.manual_seed(0)
                     model = make_resnet(arch).train()
-                    if groupings[bn] is not None:
-                        SplitBatchNorm2d.convert(model, args.groups, grouping=groupings[bn])
+                    if bn == "split":
+                        SplitBatchNorm2d.convert(model, args.groups)
                     model = model.to(memory_format=mf)
-                    # as MoCo._encode: blocks grouping runs on the reordered batch, output rows put back in order
-                    order = split_block_order(batch, args.groups) if groupings[bn] == "blocks" else None
+                    # as MoCo._encode: split BN runs on the reordered batch, output rows put back in order
+                    order = split_block_order(batch, args.groups) if bn == "split" else None
 
                     def encode(inp, model=model, order=order):
                         return model(inp) if order is None else model(inp[order])[torch.argsort(order)]
@@ -293,9 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--r18-batch", type=int, default=64)
     parser.add_argument("--logits-batch", type=int, default=256)
     parser.add_argument("--groups", type=int, default=8, help="SplitBatchNorm2d groups")
-    parser.add_argument("--bn-modes", default="bn,split,split-interleaved",
-                        help="encoder section: plain BN, the engine's split BN as MoCo runs it (blocks grouping), "
-                             "the same with the interleaved grouping (fold into channels)")
+    parser.add_argument("--bn-modes", default="bn,split",
+                        help="encoder section: plain BN and the engine's split BN as MoCo runs it")
     parser.add_argument("--precisions", default="fp32,bf16", help="encoder section precisions")
     parser.add_argument("--layouts", default="nchw,channels_last", help="encoder section layouts")
     parser.add_argument("--data-dir", default=C.default_data_dir())

@@ -39,11 +39,6 @@ def _head_keys(arch: str) -> Tuple[str, ...]:
     return ("head.",) if "vit" in arch else ("fc.", "head.")
 
 
-def _strip_head(sd: Dict[str, torch.Tensor], arch: str) -> Dict[str, torch.Tensor]:
-    heads = _head_keys(arch)
-    return {k: v for k, v in sd.items() if not k.startswith(heads)}
-
-
 def resolve_spec_kind(spec: str) -> str:
     """``random`` | ``torchvision`` | ``hf-hub`` | ``path`` | ``zoo`` (raises for anything else)."""
     if not isinstance(spec, (str, os.PathLike)) or not str(spec):

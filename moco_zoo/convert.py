@@ -215,12 +215,6 @@ def _strip_wrappers(sd: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
-
-
 def _inner_state_dict(obj: Any) -> Optional[Dict[str, Any]]:
     """The model state dict inside a checkpoint object (``state_dict`` / ``model`` / the dict itself)."""
     if not isinstance(obj, Mapping):

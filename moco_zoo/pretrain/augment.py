@@ -9,7 +9,7 @@ global generators, which the data set seeds per sample (see :mod:`moco_zoo.pretr
 from __future__ import annotations
 
 import random
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
@@ -93,7 +93,3 @@ def eval_transform(size: int = 224) -> T.Compose:
 def linear_train_transform(size: int = 224) -> T.Compose:
     """Linear-probe training augmentation (RandomResizedCrop default scale + flip), as the protocol uses."""
     return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize()])
-
-
-def view_shape(size: int) -> Tuple[int, int, int]:
-    return (3, size, size)

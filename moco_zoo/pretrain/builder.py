@@ -89,7 +89,7 @@ class MoCo(nn.Module):
         self.encoder_q, self.feat_dim = build_encoder(arch, dim, mlp)
         if shuffle_bn == "split":
             # Contiguous-block groups; _encode reorders every encoder input so that they are the groups {i % G}.
-            SplitBatchNorm2d.convert(self.encoder_q, shuffle_groups, grouping="blocks")
+            SplitBatchNorm2d.convert(self.encoder_q, shuffle_groups)
 
         # Host mirror of queue_ptr (the buffer stays the checkpointed truth): the enqueue needs the position as a
         # python int, and reading the buffer would synchronise with the device at every step. The mirror is re-read

@@ -121,8 +121,7 @@ def split_block_order(n: int, num_splits: int, device: Optional[torch.device] = 
     """The order that puts the interleaved group ``{i : i % G == j}`` into contiguous block ``j``.
 
     ``x[order]`` has the samples ``j, j + G, j + 2G, ...`` in block ``j`` (positions ``j*N/G ... (j+1)*N/G - 1``), so
-    a :class:`SplitBatchNorm2d` with ``grouping="blocks"`` applied to ``x[order]`` normalises exactly the groups that
-    ``grouping="interleaved"`` uses on ``x``. ``None`` when no reordering is needed (one group, or ``N`` not
+    a :class:`SplitBatchNorm2d` applied to ``x[order]`` normalises exactly the interleaved groups of ``x``. ``None`` when no reordering is needed (one group, or ``N`` not
     divisible by ``G``: both groupings then use the same contiguous blocks)."""
     g = split_groups(n, num_splits)
     if g <= 1 or n % g:
@@ -131,89 +130,62 @@ def split_block_order(n: int, num_splits: int, device: Optional[torch.device] = 
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, in training mode, normalises ``num_splits`` groups of the batch independently.
+    """BatchNorm2d that, in training mode, normalises ``G = min(num_splits, N // 2)`` contiguous blocks of the batch
+    independently: the single-device emulation of shuffle BN (MoCo, Sec. 3.3).
 
-    Groups (``G = min(num_splits, N // 2)``):
-
-    * ``grouping="interleaved"`` (default): sample ``i`` belongs to group ``i % G``;
-    * ``grouping="blocks"``: group ``j`` is the ``j``-th contiguous block of the batch. This is what the MoCo module
-      uses: it reorders each encoder's input with :func:`split_block_order` and restores the order of the output
-      (BN is the only layer of a ResNet that mixes samples), which gives exactly the interleaved groups. Each block is
-      normalised by one native ``batch_norm`` call, which keeps the input's memory format (channels_last stays
-      channels_last); the interleaved fold into channels (``NxCxHxW -> (N/G)x(G*C)xHxW``) is a copy to NCHW for a
-      channels_last input.
-
-    Batches not divisible by ``G`` are split into ``G`` nearly equal contiguous blocks in both modes. Running
-    statistics are the average of the groups' updates. In eval mode it is a plain BatchNorm2d, and its
-    parameters/buffers have the same names, so state dicts are interchangeable.
+    The MoCo module reorders each encoder's input with :func:`split_block_order` and restores the order of the output
+    (BN is the only layer of a ResNet that mixes samples), so the blocks are the groups ``{i : i % G == j}``. Each
+    block is normalised by one native ``batch_norm`` call, which keeps the input's memory format. Running statistics
+    are the average of the blocks' updates. In eval mode it is a plain BatchNorm2d with the same parameter and buffer
+    names, so state dicts are interchangeable.
     """
 
-    GROUPINGS = ("interleaved", "blocks")
-
-    def __init__(self, num_features: int, num_splits: int = 1, grouping: str = "interleaved", **kw) -> None:
+    def __init__(self, num_features: int, num_splits: int = 1, **kw) -> None:
         super().__init__(num_features, **kw)
-        if grouping not in self.GROUPINGS:
-            raise ValueError(f"grouping must be one of {self.GROUPINGS}, got {grouping!r}")
         self.num_splits = int(num_splits)
-        self.grouping = grouping
 
     @classmethod
-    def convert(cls, module: nn.Module, num_splits: int, grouping: str = "interleaved") -> nn.Module:
+    def convert(cls, module: nn.Module, num_splits: int) -> nn.Module:
         """Replace every BatchNorm2d in ``module`` (in place) by a SplitBatchNorm2d sharing its tensors."""
         for name, child in list(module.named_children()):
             if isinstance(child, nn.BatchNorm2d) and not isinstance(child, cls):
-                new = cls(child.num_features, num_splits, grouping, eps=child.eps, momentum=child.momentum,
+                new = cls(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
                           affine=child.affine, track_running_stats=child.track_running_stats)
                 new.load_state_dict(child.state_dict())
                 new.train(child.training)
                 setattr(module, name, new)
             else:
-                cls.convert(child, num_splits, grouping)
+                cls.convert(child, num_splits)
         return module
 
-    def _groups(self, n: int) -> int:
-        return split_groups(n, self.num_splits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self._groups(x.shape[0]) if self.training else 1
+        g = split_groups(x.shape[0], self.num_splits) if self.training else 1
         if g <= 1:
             return super().forward(x)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.num_batches_tracked is not None else 0.0
         else:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
             factor = self.momentum
         n, c = x.shape[:2]
         track = self.running_mean is not None
-        if self.grouping == "blocks" or n % g:
-            # One native batch_norm per contiguous block (memory format kept); each block updates its own copy of
-            # the running statistics (rows of a G x C tensor), averaged afterwards. split(), not tensor_split(): its
-            # backward is one concatenation, tensor_split's is a zero-filled full-size gradient per block, summed.
-            rm = self.running_mean.unsqueeze(0).repeat(g, 1) if track else None
-            rv = self.running_var.unsqueeze(0).repeat(g, 1) if track else None
-            outs = [F.batch_norm(chunk, rm[j] if track else None, rv[j] if track else None, self.weight, self.bias,
-                                 True, factor, self.eps)
-                    for j, chunk in enumerate(x.split(block_sizes(n, g), dim=0))]
-            out = torch.cat(outs, dim=0)
-        else:
-            # interleaved: NxCxHxW -> (N/G)x(G*C)xHxW, channel block j holds the samples i with i % G == j.
-            weight = self.weight.repeat(g) if self.weight is not None else None
-            bias = self.bias.repeat(g) if self.bias is not None else None
-            rm = self.running_mean.repeat(g) if track else None
-            rv = self.running_var.repeat(g) if track else None
-            out = F.batch_norm(x.reshape(n // g, g * c, *x.shape[2:]), rm, rv, weight, bias, True, factor, self.eps)
-            out = out.view_as(x)
+        # Each block updates its own copy of the running statistics (rows of a G x C tensor), averaged afterwards.
+        # split(), not tensor_split(): its backward is one concatenation, tensor_split's is a zero-filled full-size
+        # gradient per block, summed.
+        rm = self.running_mean.unsqueeze(0).repeat(g, 1) if track else None
+        rv = self.running_var.unsqueeze(0).repeat(g, 1) if track else None
+        outs = [F.batch_norm(chunk, rm[j] if track else None, rv[j] if track else None, self.weight, self.bias,
+                             True, factor, self.eps)
+                for j, chunk in enumerate(x.split(block_sizes(n, g), dim=0))]
         if track:
             with torch.no_grad():
-                self.running_mean.copy_(rm.view(g, c).mean(0))
-                self.running_var.copy_(rv.view(g, c).mean(0))
-        return out
+                self.running_mean.copy_(rm.mean(0))
+                self.running_var.copy_(rv.mean(0))
+        return torch.cat(outs, dim=0)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_splits={self.num_splits}, grouping={self.grouping}"
+        return super().extra_repr() + f", num_splits={self.num_splits}"
 
 
 def resolve_shuffle_mode(mode: str, distributed: bool, mechanism: str) -> str:

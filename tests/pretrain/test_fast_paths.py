@@ -15,6 +15,31 @@ from moco_zoo.pretrain.engine import fused_sgd_supported, make_sgd
 from moco_zoo.pretrain.shuffle_bn import SplitBatchNorm2d, split_block_order
 
 
+class InterleavedSplitBatchNorm(nn.BatchNorm2d):
+    """Reference for the split emulation, written another way: sample i in group i % G, the groups folded into
+    channels (NxCxHxW -> (N/G)x(G*C)xHxW) and normalised by one batch_norm call."""
+
+    def __init__(self, bn: nn.BatchNorm2d, num_splits: int) -> None:
+        super().__init__(bn.num_features, eps=bn.eps, momentum=bn.momentum)
+        self.load_state_dict(bn.state_dict())
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        g = max(1, min(self.num_splits, n // 2))
+        if not self.training or g == 1:
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        rm, rv = self.running_mean.repeat(g), self.running_var.repeat(g)
+        out = F.batch_norm(x.reshape(n // g, g * c, *x.shape[2:]), rm, rv, self.weight.repeat(g), self.bias.repeat(g),
+                           True, factor, self.eps).view_as(x)
+        with torch.no_grad():
+            self.running_mean.copy_(rm.view(g, c).mean(0))
+            self.running_var.copy_(rv.view(g, c).mean(0))
+        return out
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_block_grouping_equals_per_group_batch_norm(momentum):
     """Blocks of the reordered batch are the groups {i : i % G == j}: output and running statistics equal plain
@@ -23,15 +48,14 @@ def test_block_grouping_equals_per_group_batch_norm(momentum):
     n, c, g = 12, 5, 4
     x = (torch.randn(n, c, 6, 6) * torch.arange(1, n + 1).view(n, 1, 1, 1)).contiguous(
         memory_format=torch.channels_last)
-    bn = SplitBatchNorm2d(c, num_splits=g, grouping="blocks", momentum=momentum)
+    bn = SplitBatchNorm2d(c, num_splits=g, momentum=momentum)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
     rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
-    interleaved = copy.deepcopy(bn)
-    interleaved.grouping = "interleaved"
+    interleaved = InterleavedSplitBatchNorm(bn, g)
 
     order = split_block_order(n, g)
     assert sorted(order.tolist()) == list(range(n))
@@ -60,8 +84,8 @@ def test_block_grouping_gradients_match_interleaved():
     torch.manual_seed(1)
     x = torch.randn(8, 3, 4, 4)
     w = torch.randn(8, 3, 4, 4)
-    blocks = SplitBatchNorm2d(3, num_splits=4, grouping="blocks")
-    inter = SplitBatchNorm2d(3, num_splits=4)
+    blocks = SplitBatchNorm2d(3, num_splits=4)
+    inter = InterleavedSplitBatchNorm(blocks, 4)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     order = split_block_order(8, 4)
     (blocks(xa[order])[torch.argsort(order)] * w).sum().backward()
@@ -71,9 +95,11 @@ def test_block_grouping_gradients_match_interleaved():
 
 
 def _set_interleaved(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, SplitBatchNorm2d):
-            m.grouping = "interleaved"
+    for name, child in list(model.named_children()):
+        if isinstance(child, SplitBatchNorm2d):
+            setattr(model, name, InterleavedSplitBatchNorm(child, child.num_splits).to(child.weight.dtype))
+        else:
+            _set_interleaved(child)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

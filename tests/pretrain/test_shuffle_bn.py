@@ -36,11 +36,12 @@ def test_split_bn_normalises_each_group_separately():
     out = split(x)
     full = bn(x.clone())
     assert not torch.allclose(out, full, atol=1e-3)  # statistics really differ from the full batch
-    for j in range(g):  # sample i belongs to group i % G: equals plain BN over that group alone
-        ref = F.batch_norm(x[j::g], None, None, training=True, eps=split.eps)
-        torch.testing.assert_close(out[j::g], ref, rtol=1e-4, atol=1e-5)
+    blocks = x.split(n // g)
+    for j in range(g):  # block j alone through plain BN
+        ref = F.batch_norm(blocks[j], None, None, training=True, eps=split.eps)
+        torch.testing.assert_close(out.split(n // g)[j], ref, rtol=1e-4, atol=1e-5)
     # running stats: average of the groups' updates
-    means = torch.stack([x[j::g].mean(dim=(0, 2, 3)) for j in range(g)]).mean(0)
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in blocks]).mean(0)
     torch.testing.assert_close(split.running_mean, 0.1 * means, rtol=1e-4, atol=1e-6)
     split.eval()
     bn.eval()
@@ -86,7 +87,7 @@ def test_split_bn_blocks_gradients_equal_per_block_batch_norm(n):
     c, g = 3, 3
     x = (torch.randn(n, c, 4, 4) * torch.arange(1, n + 1).view(n, 1, 1, 1)).contiguous(
         memory_format=torch.channels_last).requires_grad_()
-    split = SplitBatchNorm2d(c, num_splits=g, grouping="blocks")
+    split = SplitBatchNorm2d(c, num_splits=g)
     nn.init.uniform_(split.weight, 0.5, 1.5)
     nn.init.uniform_(split.bias, -0.5, 0.5)
     upstream = torch.randn(n, c, 4, 4)
