@@ -17,11 +17,15 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+import timm
 import torch
 import torch.nn as nn
+import torchvision
 
+from . import zoo
 from .checkpoint import CheckpointError
 from .convert import adapt_pos_embed, check_arch, infer_arch, to_canonical
+from .hub import download
 
 __all__ = ["load_backbone_state_dict", "load_backbone", "resolve_spec_kind", "MOCO_DATA_CFG"]
 
@@ -52,8 +56,6 @@ def resolve_spec_kind(spec: str) -> str:
         return "hf-hub"
     if os.path.exists(s):
         return "path"
-    from . import zoo
-
     if zoo.find_entry(s) is not None:
         return "zoo"
     if os.sep in s or s.endswith((".pth", ".pt", ".tar", ".safetensors", ".bin", ".pkl")):
@@ -65,10 +67,6 @@ def resolve_spec_kind(spec: str) -> str:
 
 
 def _random_state_dict(arch: str, seed: int) -> Dict[str, torch.Tensor]:
-    import timm
-
-    from . import models as _models  # noqa: F401
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # torchvision-style ResNet init (last BN gamma 1), the init MoCo pretraining starts from (pretrain/heads.py)
@@ -78,8 +76,6 @@ def _random_state_dict(arch: str, seed: int) -> Dict[str, torch.Tensor]:
 
 
 def _torchvision_state_dict(arch: str) -> Dict[str, torch.Tensor]:
-    import torchvision
-
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError) as e:
@@ -89,8 +85,6 @@ def _torchvision_state_dict(arch: str) -> Dict[str, torch.Tensor]:
 
 
 def _hf_state_dict(repo_id: str, arch: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
-    from .hub import download
-
     # through moco_zoo.hub.download: the weights are checked against the sha256 recorded in config.json
     weights = download(repo_id, filename="model.safetensors")
     hub_arch = None
@@ -143,10 +137,6 @@ def load_backbone_state_dict(
             )
         return converted.state_dict, converted.arch
     # zoo name: goes through the timm registration (official URL + on-the-fly conversion, or the Hub once published)
-    import timm
-
-    from . import zoo
-
     entry = zoo.find_entry(spec)
     model = timm.create_model(spec, pretrained=True, num_classes=0)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -170,10 +160,6 @@ def load_backbone(
 
     Missing or unexpected backbone keys raise :class:`CheckpointError`.
     """
-    import timm
-
-    from . import models as _models  # noqa: F401
-
     sd, arch = load_backbone_state_dict(spec, arch, allow_pickle=allow_pickle, seed=seed)
     overlay = dict(MOCO_DATA_CFG)
     overlay.update(timm_kwargs.pop("pretrained_cfg_overlay", None) or {})

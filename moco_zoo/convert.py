@@ -25,7 +25,6 @@ caller passes ``allow_pickle=True``. Every error is a :class:`~moco_zoo.checkpoi
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -35,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import numpy as np
+import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+from timm.layers import resample_abs_pos_embed
 
 from .checkpoint import (
     KIND_BACKBONE,
@@ -69,11 +74,7 @@ __all__ = [
     "save_detectron2",
     "dumps_detectron2",
     "convert_file",
-    "md5_file",
     "adapt_pos_embed",
-    "verify_md5",
-    "download_verified",
-    "url_cache_path",
     "OUTPUT_FORMATS",
 ]
 
@@ -186,9 +187,6 @@ def load_checkpoint_file(path: PathLike, *, allow_pickle: bool = False) -> Tuple
         raise CheckpointError(f"{path}: checkpoint file not found")
     if _is_safetensors_file(path):
         try:
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
             return load_file(str(path), device="cpu"), meta
@@ -317,10 +315,6 @@ def _arch_from_hint(hint: Any) -> Optional[str]:
 
 
 def _expected_backbone_shapes(arch: str) -> Dict[str, Tuple[int, ...]]:
-    import timm
-
-    from . import models as _models  # noqa: F401  (registers moco_vit_* with timm)
-
     try:
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False, num_classes=0)
@@ -496,10 +490,6 @@ def to_canonical(
 
 def _is_known_arch(name: str) -> bool:
     try:
-        import timm
-
-        from . import models as _models  # noqa: F401
-
         return bool(timm.is_model(name))
     except Exception:
         return False
@@ -511,8 +501,6 @@ def adapt_pos_embed(sd: Dict[str, torch.Tensor], model: "torch.nn.Module") -> Di
     target = getattr(model, "pos_embed", None)
     if pe is None or target is None or tuple(pe.shape) == tuple(target.shape):
         return sd
-    from timm.layers import resample_abs_pos_embed
-
     prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
     out = dict(sd)
     out["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
@@ -551,8 +539,6 @@ class _NumpyCompatPickler(pickle.Pickler):
     """
 
     def reducer_override(self, obj):  # noqa: D401 (pickle hook)
-        import numpy as np
-
         if type(obj) is np.ndarray:
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise pickle.PicklingError("only plain numeric arrays can be written to a detectron2 file")
@@ -583,8 +569,6 @@ def dumps_detectron2(converted: ConvertedCheckpoint) -> bytes:
 
 def save_timm(converted: ConvertedCheckpoint, out: PathLike, *, with_head: bool = True) -> Path:
     """``model.safetensors`` for timm (strict-loads into the architecture; + classifier for classifiers)."""
-    from safetensors.torch import save as st_save
-
     meta = {"format": "pt", "source_format": converted.source_format}
     if converted.arch:
         meta["arch"] = converted.arch
@@ -636,57 +620,3 @@ def convert_file(
     else:
         raise ValueError(f"unknown output format {to!r}; expected one of {OUTPUT_FORMATS}")
     return path, converted
-
-
-# --------------------------------------------------------------------------------------------------------- checksums
-
-
-def md5_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_md5(path: PathLike, expected_prefix: Optional[str]) -> str:
-    """Check the md5 of ``path`` starts with ``expected_prefix`` (the MoCo README publishes 8-hex-digit prefixes)."""
-    digest = md5_file(path)
-    if expected_prefix and not digest.startswith(expected_prefix.lower()):
-        raise CheckpointError(
-            f"{path}: md5 checksum mismatch: expected prefix {expected_prefix}, got {digest} "
-            f"(corrupt or different download; delete the file and retry)"
-        )
-    return digest
-
-
-
-def url_cache_path(url: str, cache_dir: Optional[PathLike] = None) -> Path:
-    """Where ``torch.hub.load_state_dict_from_url`` (timm's ``url`` loader) caches ``url``."""
-    from urllib.parse import urlparse
-
-    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
-    return folder / os.path.basename(urlparse(url).path)
-
-
-def download_verified(
-    url: str, md5_prefix: Optional[str] = None, *, cache_dir: Optional[PathLike] = None, progress: bool = False
-) -> Path:
-    """Download ``url`` into timm/torch.hub's url cache (reused if present) and check its md5 prefix.
-
-    A file with the wrong checksum is deleted and :class:`CheckpointError` raised, before anything unpickles it.
-    """
-    path = url_cache_path(url, cache_dir)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, str(path), progress=progress)
-        except Exception as e:
-            raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from e
-    if md5_prefix:
-        try:
-            verify_md5(path, md5_prefix)
-        except CheckpointError:
-            path.unlink(missing_ok=True)
-            raise
-    return path

@@ -1,65 +1,28 @@
-"""Hugging Face Hub side of the zoo: Hub folders, model cards, publishing, downloading and importing official releases.
-
-A *Hub folder* is what one Hub repository holds::
-
-    config.json          timm config: plain timm `architecture` (+ `model_args`), num_classes, num_features and a full
-                         `pretrained_cfg` (MoCo data config, license, paper) with no tag/hf_hub_id of another repo, so
-                         plain timm (no moco_zoo import) loads it with timm.create_model('hf-hub:ORG/NAME', pretrained=True)
-    model.safetensors    timm weights (strict-loadable into the architecture; + classifier for linear-probe releases)
-    detectron2.pkl       ResNet backbones only: the pickle detectron2's DetectionCheckpointer accepts
-    README.md            model card: YAML front matter (library_name: timm, license, tags, datasets, model-index),
-                         metrics table (published numbers from hub_configs + this project's measured runs), usage for
-                         timm / torchvision / detectron2, sha256 of every weight file, citation
-
-Everything about a release (architecture, license, paper, recipe, published metrics, official URL and checksum) is
-read from its ``hub_configs/*.yaml`` entry; nothing is repeated here.
-
-Public API: :func:`prepare_hub_folder`, :func:`upload_hub_folder`, :func:`publish`, :func:`download`,
-:func:`import_official`, :func:`build_hub_config`, :func:`render_model_card`, :func:`load_measured_metrics`,
-:func:`sha256_file`, :class:`HubFolder`, :class:`MetricRow`.
+"""Downloads: Hub repositories through the Hugging Face cache (checked against the sha256 that moco-zoo records in
+each repository's ``config.json``) and plain URLs (the authors' original files, checked against their published md5
+prefix). Publishing Hub folders lives in :mod:`moco_zoo.publish`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
+import json
 import os
-import shutil
-import tempfile
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
+from urllib.parse import urlparse
 
-import yaml
+import torch
+from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-from .checkpoint import CheckpointError, atomic_write_text
-from .zoo import ZooEntry
+from . import zoo
+from .checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "HubFolder",
-    "MetricRow",
-    "WEIGHTS_FILE",
-    "CONFIG_FILE",
-    "CARD_FILE",
-    "DETECTRON2_FILE",
-    "load_entry",
-    "build_pretrained_cfg",
-    "build_hub_config",
-    "render_model_card",
-    "load_measured_metrics",
-    "prepare_hub_folder",
-    "upload_hub_folder",
-    "publish",
-    "download",
-    "resolve_repo_id",
-    "import_official",
-    "fetch_official",
-    "sha256_file",
-]
+__all__ = ["WEIGHTS_FILE", "CONFIG_FILE", "CARD_FILE", "DETECTRON2_FILE", "CHECKSUMS_KEY", "download",
+           "download_url", "resolve_repo_id", "verify_hub_files", "sha256_file", "md5_file", "verify_md5"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -67,560 +30,78 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 DETECTRON2_FILE = "detectron2.pkl"
-
-# pretrained_cfg fields that say where weights come from: meaningless (or wrong) inside a Hub repo of its own.
-_SOURCE_FIELDS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag", "architecture",
-                  "label_offset", "test_input_size", "test_crop_pct", "test_pool_size")
-_HF_DATASET_IDS = {"imagenet-1k": "ILSVRC/imagenet-1k", "imagenet": "ILSVRC/imagenet-1k"}
-# Readable names of the metric keys used in hub_configs (anything else is shown as its key).
-_METRIC_NAMES = {
-    "imagenet_linear_top1": ("ImageNet-1k linear probe top-1 (%)", "imagenet-1k"),
-    "imagenet_top1": ("ImageNet-1k top-1 (%)", "imagenet-1k"),
-    "voc0712_r50c4_ap50": ("VOC07+12 Faster R-CNN R50-C4 AP50", "voc2007+2012"),
-    "voc0712_r50c4_ap": ("VOC07+12 Faster R-CNN R50-C4 AP", "voc2007+2012"),
-    "voc0712_r50c4_ap75": ("VOC07+12 Faster R-CNN R50-C4 AP75", "voc2007+2012"),
-    "coco_r50fpn_2x_box_ap": ("COCO Mask R-CNN R50-FPN 2x box AP", "coco-2017"),
-    "coco_r50fpn_2x_mask_ap": ("COCO Mask R-CNN R50-FPN 2x mask AP", "coco-2017"),
-}
+HUB_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, DETECTRON2_FILE)
+# config.json key holding {file: {"sha256", "size"}} of the weight files, written by moco_zoo.publish
+CHECKSUMS_KEY = "moco_zoo_checksums"
 
 
-# ---------------------------------------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------------------------------------- checksums
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file (read in chunks)."""
-    h = hashlib.sha256()
+def _hash_file(path: PathLike, h, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def load_entry(config: Union[PathLike, str, "ZooEntry"]) -> "ZooEntry":
-    """The zoo entry of ``config``: a hub_configs file path, a zoo name (``moco_r50.v2_800ep``, a classifier tag such
-    as ``moco_r50.v3_300ep_lincls_in1k``, or a bare model name for its default tag) or a :class:`ZooEntry`."""
-    from . import zoo
-
-    if isinstance(config, zoo.ZooEntry):
-        return config
-    p = Path(config)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        if not p.is_file():
-            raise FileNotFoundError(f"hub config {p} does not exist")
-        return zoo.load_entry(p)
-    entry = zoo.find_entry(str(config))
-    if entry is None:
-        known = ", ".join(e.name for e in zoo.entries())
-        raise ValueError(f"unknown zoo model {str(config)!r}; known entries: {known}")
-    return entry
+def sha256_file(path: PathLike) -> str:
+    return _hash_file(path, hashlib.sha256())
 
 
-def _v1_citation() -> Optional[str]:
-    """The MoCo v1 BibTeX, read from the v1 entry of hub_configs (every later version builds on it)."""
-    from . import zoo
-
-    try:
-        for e in zoo.entries():
-            if e.moco_version == "v1" and e.paper.citation:
-                return e.paper.citation.strip()
-    except zoo.ZooConfigError:
-        return None
-    return None
+def md5_file(path: PathLike) -> str:
+    return _hash_file(path, hashlib.md5())
 
 
-# ----------------------------------------------------------------------------------------------------- metrics rows
-
-
-@dataclass
-class MetricRow:
-    """One row of the model card's metrics table."""
-
-    name: str  # metric key (e.g. imagenet_linear_top1)
-    value: float
-    source: str  # "published" or a description of this project's run
-    dataset: Optional[str] = None
-    label: Optional[str] = None  # readable name
-
-    def display_name(self) -> str:
-        return self.label or _METRIC_NAMES.get(self.name, (self.name, None))[0]
-
-    def dataset_name(self) -> str:
-        return self.dataset or _METRIC_NAMES.get(self.name, (None, ""))[1] or ""
-
-
-def _numeric_leaves(obj: Any, prefix: str = "") -> Iterable[Tuple[str, float]]:
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        if math.isfinite(float(obj)):
-            yield prefix, float(obj)
-        return
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k))
-
-
-def load_measured_metrics(paths: Sequence[PathLike]) -> List[MetricRow]:
-    """Metrics JSON files written by this project's runs -> table rows.
-
-    Accepted shapes: ``{"metrics": {...}, "dataset"?, "source"?|"name"?|"protocol"?}`` or a flat ``{name: number}``
-    mapping; nested numbers are flattened with dotted names. Non-numeric values are ignored.
-    """
-    rows: List[MetricRow] = []
-    for p in paths:
-        p = Path(p)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"metrics file {p} does not exist") from None
-        except ValueError as e:
-            raise ValueError(f"metrics file {p}: not valid JSON ({e})") from e
-        if not isinstance(data, Mapping):
-            raise ValueError(f"metrics file {p}: expected a JSON object, got {type(data).__name__}")
-        metrics = data.get("metrics") if isinstance(data.get("metrics"), Mapping) else data
-        label = data.get("source") or data.get("name") or data.get("protocol") or data.get("task")
-        source = f"this project ({label})" if isinstance(label, str) and label else f"this project ({p.name})"
-        dataset = data.get("dataset") if isinstance(data.get("dataset"), str) else None
-        found = list(_numeric_leaves(metrics))
-        if not found:
-            raise ValueError(f"metrics file {p}: no numeric metric values found")
-        rows.extend(MetricRow(name=k, value=v, source=source, dataset=dataset) for k, v in found)
-    return rows
-
-
-def _coerce_rows(measured: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]]) -> List[MetricRow]:
-    out: List[MetricRow] = []
-    for m in measured or []:
-        if isinstance(m, MetricRow):
-            out.append(m)
-        elif isinstance(m, Mapping) and "name" in m and "value" in m:
-            out.append(MetricRow(name=str(m["name"]), value=float(m["value"]),
-                                 source=str(m.get("source") or "this project"), dataset=m.get("dataset"),
-                                 label=m.get("label")))
-        else:
-            raise ValueError(f"measured metric {m!r}: expected a MetricRow or a mapping with 'name' and 'value'")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- config.json
-
-
-def _arch_structure(arch: str, model_args: Mapping[str, Any], num_classes: int) -> Dict[str, Any]:
-    """Structural facts of the timm architecture (first conv, classifier, pool size, features) from timm itself."""
-    import timm
-
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **dict(model_args))
-    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    pool = getattr(model, "global_pool", None)
-    pool_type = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
-    return {
-        "model": model,
-        "first_conv": cfg.get("first_conv"),
-        "classifier": cfg.get("classifier"),
-        "pool_size": list(cfg["pool_size"]) if cfg.get("pool_size") else None,
-        "fixed_input_size": bool(cfg.get("fixed_input_size", False)),
-        "num_features": int(getattr(model, "num_features", 0)),
-        "global_pool": pool_type if isinstance(pool_type, str) and pool_type else None,
-    }
-
-
-def build_pretrained_cfg(entry: ZooEntry, structure: Mapping[str, Any], num_classes: int,
-                         label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The full timm ``pretrained_cfg`` of this release: only its own facts, nothing inherited from timm's tags.
-
-    Starts from the zoo's own cfg (:func:`moco_zoo.models.pretrained_cfg_for_entry`: MoCo data config, license,
-    paper) and removes every *source* field (``url``, ``hf_hub_id``, ``file``, ``tag``...): in a Hub repo the weights
-    are the repo's own ``model.safetensors``.
-    """
-    from .models import pretrained_cfg_for_entry
-
-    base = dict(pretrained_cfg_for_entry(entry))
-    for k in _SOURCE_FIELDS:
-        base.pop(k, None)
-    cfg: Dict[str, Any] = {"custom_load": False}
-    cfg.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in base.items() if v is not None})
-    cfg.update(
-        num_classes=int(num_classes),
-        fixed_input_size=structure["fixed_input_size"],
-        pool_size=structure["pool_size"],
-        first_conv=structure["first_conv"],
-        classifier=structure["classifier"],
-        notes=[f"moco_version={entry.moco_version}", "converted to timm by moco-zoo"],
-    )
-    cfg.pop("label_names", None)
-    if num_classes and label_names:
-        cfg["label_names"] = list(label_names)
-    return cfg
-
-
-def _imagenet_label_names(num_classes: int) -> Optional[List[str]]:
-    if num_classes != 1000:
-        return None
-    try:
-        from timm.data import ImageNetInfo
-
-        return list(ImageNetInfo().label_names())
-    except Exception:  # older timm: no label info
-        return None
-
-
-def build_hub_config(entry: ZooEntry, structure: Mapping[str, Any], num_classes: int,
-                     label_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """``config.json`` in timm's Hub format with the *plain* timm architecture name."""
-    config: Dict[str, Any] = {
-        "architecture": entry.architecture,
-        "num_classes": int(num_classes),
-        "num_features": structure["num_features"],
-    }
-    if structure.get("global_pool"):
-        config["global_pool"] = structure["global_pool"]
-    if entry.model_args:
-        config["model_args"] = entry.model_args
-    if num_classes and label_names:
-        config["label_names"] = list(label_names)
-    config["pretrained_cfg"] = build_pretrained_cfg(entry, structure, num_classes, label_names)
-    return config
-
-
-# ----------------------------------------------------------------------------------------------------- model card
-
-
-@dataclass
-class FileRecord:
-    name: str
-    size: int
-    sha256: str
-
-
-def _fmt_value(v: float) -> str:
-    return f"{v:.6g}"
-
-
-def _yaml_front_matter(entry: ZooEntry, repo_id: str, rows: Sequence[MetricRow], files: Sequence[FileRecord],
-                       num_classes: int) -> Dict[str, Any]:
-    tags = ["image-feature-extraction", "timm", "moco", "self-supervised", "contrastive-learning",
-            f"moco-{entry.moco_version}" if entry.moco_version else "moco",
-            "vision-transformer" if entry.architecture.startswith("vit") else "resnet"]
-    if num_classes:
-        tags.insert(1, "image-classification")
-    tags = list(dict.fromkeys(tags))
-    front: Dict[str, Any] = {
-        "library_name": "timm",
-        "license": entry.license,
-        "pipeline_tag": "image-classification" if num_classes else "image-feature-extraction",
-        "tags": tags,
-        "datasets": [_HF_DATASET_IDS.get(entry.dataset, entry.dataset)],
-    }
-    if entry.license.startswith("cc-by-nc"):
-        front["license_link"] = "https://creativecommons.org/licenses/by-nc/4.0/"
-    results = []
-    for r in rows:
-        if r.name in ("imagenet_linear_top1", "imagenet_top1"):
-            results.append({
-                "task": {"type": "image-classification", "name": "ImageNet-1k linear classification"},
-                "dataset": {"type": "ILSVRC/imagenet-1k", "name": "ImageNet-1k", "split": "validation"},
-                "metrics": [{"type": "accuracy", "name": "top-1 accuracy", "value": r.value}],
-                "source": {"name": r.source, "url": entry.source.origin_url
-                           or "https://github.com/facebookresearch/moco"},
-            })
-    if results:
-        front["model-index"] = [{"name": entry.name, "results": results}]
-    return front
-
-
-def _usage_sections(entry: ZooEntry, repo_id: str, num_classes: int, has_detectron2: bool) -> str:
-    args = entry.model_args
-    extra = "".join(f", {k}={v!r}" for k, v in args.items())
-    parts = [
-        "## Usage\n",
-        "### timm (no moco-zoo needed)\n",
-        "```python\nimport timm\nimport torch\n\n"
-        f"model = timm.create_model(\"hf-hub:{repo_id}\", pretrained=True).eval()\n"
-        "data_cfg = timm.data.resolve_data_config({}, model=model)\n"
-        "transform = timm.data.create_transform(**data_cfg)  # resize 256, center crop 224, ImageNet mean/std\n"
-        "with torch.no_grad():\n"
-        f"    out = model(transform(image).unsqueeze(0))  # {'logits' if num_classes else 'pooled features'}\n```\n",
-        "With moco-zoo installed the same weights are registered as a timm model name:\n",
-        f"```python\nimport moco_zoo, timm\nmodel = timm.create_model(\"{entry.name}\", pretrained=True)"
-        f"{'  # headless; num_classes=N adds a fresh head' if not num_classes else ''}\n```\n",
-    ]
-    if entry.architecture.startswith("resnet"):
-        parts += [
-            "### torchvision\n",
-            "timm and torchvision ResNets share parameter names, so the safetensors file loads directly:\n",
-            "```python\nimport torch, torchvision\nfrom huggingface_hub import hf_hub_download\n"
-            "from safetensors.torch import load_file\n\n"
-            f"state_dict = load_file(hf_hub_download(\"{repo_id}\", \"{WEIGHTS_FILE}\"))\n"
-            f"model = torchvision.models.{entry.architecture}()\n"
-            + ("model.load_state_dict(state_dict)  # includes the trained fc\n" if num_classes else
-               "model.fc = torch.nn.Identity()  # MoCo backbone: no classifier\nmodel.load_state_dict(state_dict)\n")
-            + "```\n",
-        ]
-    else:
-        parts += [
-            "### torchvision\n",
-            "torchvision's ViT uses different parameter names; use timm (above) for this model.\n",
-        ]
-    if has_detectron2:
-        parts += [
-            "### detectron2\n",
-            f"`{DETECTRON2_FILE}` holds the backbone under detectron2 names (`stem.*`, `res2`..`res5`, `convK.norm`, "
-            "`shortcut`), as written by the MoCo detection converter. Use it with the MoCo detection configs "
-            "(R50-C4, SyncBN, `FORMAT: RGB`, torchvision-style `STRIDE_IN_1X1: False`):\n",
-            "```python\nfrom huggingface_hub import hf_hub_download\n\n"
-            f"weights = hf_hub_download(\"{repo_id}\", \"{DETECTRON2_FILE}\")\n"
-            "# then: cfg.MODEL.WEIGHTS = weights\n"
-            "#       cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]; cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]\n"
-            "#       cfg.INPUT.FORMAT = \"RGB\"; cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False\n```\n",
-            "or from the command line: `python train_net.py --config-file configs/pascal_voc_R_50_C4_24k_moco.yaml "
-            "MODEL.WEIGHTS /path/to/detectron2.pkl`\n",
-        ]
-    parts += [
-        "### moco-zoo\n",
-        f"```bash\nmoco-zoo download {entry.name}      # through the Hugging Face cache (HF_HOME, HF_HUB_OFFLINE)\n```\n",
-        f"```python\nimport moco_zoo\nbackbone = moco_zoo.load_backbone(\"hf-hub:{repo_id}\")  # pooled features\n```\n",
-    ]
-    return "\n".join(parts)
-
-
-def render_model_card(entry: ZooEntry, repo_id: str, files: Sequence[FileRecord],
-                      measured: Sequence[MetricRow] = (), num_classes: Optional[int] = None,
-                      source_note: Optional[str] = None) -> str:
-    """README.md for the repository: YAML front matter + description, metrics, usage, files, citation."""
-    num_classes = entry.num_classes if num_classes is None else num_classes
-    published = [MetricRow(name=k, value=float(v), source="published") for k, v in entry.metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    rows = published + list(measured)
-    front = _yaml_front_matter(entry, repo_id, published + list(measured), files, num_classes)
-    lines: List[str] = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
-    lines += [f"# {entry.name}", "", entry.description + ".", ""]
-    src = entry.source
-    paper = entry.paper
-    lines += ["## Model details", ""]
-    details = [
-        ("Zoo name", f"`{entry.name}` (moco-zoo)"),
-        ("Architecture", f"timm `{entry.architecture}`"
-         + (f" with `{', '.join(f'{k}={v}' for k, v in entry.model_args.items())}`" if entry.model_args else "")),
-        ("Output", f"{num_classes}-class classifier" if num_classes else "pooled features (no classifier head)"),
-        ("Pretraining", f"MoCo {entry.moco_version}, self-supervised on {entry.dataset}" if entry.moco_version
-         else f"self-supervised on {entry.dataset}"),
-        ("Paper", f"[{paper.title}]({paper.url})" if paper.arxiv else paper.title),
-        ("Original release", f"[{src.filename or src.url}]({src.url})"
-         + (f" (md5 prefix `{src.md5_prefix}`)" if src.md5_prefix else "") if src.url else None),
-        ("Original code", src.origin_url),
-        ("Converted from", source_note),
-        ("License", entry.license),
-        ("Preprocessing", "resize 256 (bilinear), center crop 224 (crop_pct 0.875), ImageNet mean/std"),
-    ]
-    lines += [f"- **{k}:** {v}" for k, v in details if v]
-    if entry.recipe:
-        lines += ["", "### Pretraining recipe", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in entry.recipe.items()]
-    lines += ["", "## Metrics", ""]
-    if rows:
-        lines += ["| metric | dataset | value | source |", "|---|---|---|---|"]
-        lines += [f"| {r.display_name()} | {r.dataset_name()} | {_fmt_value(r.value)} | {r.source} |" for r in rows]
-        lines += ["", f"Published numbers: {entry.metrics_source}. Rows marked *this project* were measured by "
-                      "moco-zoo's own runs and are not comparable with the published ImageNet-scale numbers unless "
-                      "stated."]
-    else:
-        lines += ["No metrics recorded."]
-    lines += ["", _usage_sections(entry, repo_id, num_classes, any(f.name == DETECTRON2_FILE for f in files))]
-    lines += ["## Files and checksums", "", "| file | size (bytes) | sha256 |", "|---|---|---|"]
-    lines += [f"| `{f.name}` | {f.size} | `{f.sha256}` |" for f in files]
-    lines += ["", "Verify after download: `sha256sum model.safetensors` must match the table.", ""]
-    citations = []
-    if entry.moco_version in ("v2", "v3"):
-        v1 = _v1_citation()
-        if v1:
-            citations.append(v1)
-    if paper.citation and paper.citation.strip() not in citations:
-        citations.append(paper.citation.strip())
-    if citations:
-        lines += ["## Citation", "", "```bibtex", "\n\n".join(citations), "```", ""]
-    return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------------------------- Hub folder
-
-
-@dataclass
-class HubFolder:
-    """A prepared Hub folder and what went into it."""
-
-    path: Path
-    repo_id: str
-    entry: ZooEntry
-    files: Dict[str, str] = field(default_factory=dict)  # file name -> sha256 (weights, config)
-    config: Dict[str, Any] = field(default_factory=dict)
-    num_classes: int = 0
-
-    @property
-    def weights(self) -> Path:
-        return self.path / WEIGHTS_FILE
-
-
-def _select_entry(entry: ZooEntry, num_classes: int, source: str) -> ZooEntry:
-    """The entry describing the checkpoint: the release's classifier tag when it carries a trained classifier."""
-    if entry.is_classifier or not num_classes:
-        if entry.is_classifier and num_classes != entry.num_classes:
-            raise CheckpointError(f"{source}: has {num_classes} classes but {entry.name} ({entry.config_path}) "
-                                  f"is a {entry.num_classes}-class classifier")
-        return entry
-    for c in entry.classifiers:
-        if c.num_classes == num_classes:
-            return c
-    from dataclasses import replace
-
-    from .zoo import CLASSIFIER, HubInfo
-
-    tag = f"{entry.tag}_lincls_{num_classes}cls"
-    return replace(entry, tag=tag, kind=CLASSIFIER, num_classes=num_classes, metrics={}, parent_tag=entry.tag,
-                   description=f"{entry.description}; linear classifier ({num_classes} classes, frozen backbone)",
-                   hub=HubInfo(repo_id=f"{entry.hub.repo_id.rsplit('.', 1)[0]}.{tag}"), classifiers=())
-
-
-def prepare_hub_folder(
-    checkpoint: Union[PathLike, Mapping[str, Any]],
-    config: Union[PathLike, str, ZooEntry],
-    repo_id: Optional[str] = None,
-    out_dir: Optional[PathLike] = None,
-    *,
-    measured_metrics: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]] = None,
-    allow_pickle: bool = False,
-    with_head: bool = True,
-    overwrite: bool = True,
-) -> HubFolder:
-    """Convert ``checkpoint`` (any format :func:`moco_zoo.convert.to_canonical` reads, or an in-memory checkpoint /
-    state dict) and write the Hub folder for ``config`` (a hub_configs file, zoo name or :class:`ZooEntry`).
-
-    The weights are checked by strict-loading them into the timm architecture named in the config before anything is
-    written. ``repo_id`` defaults to the entry's ``hub.repo_id``; ``out_dir`` to a new temporary directory.
-    """
-    from . import convert
-
-    entry = load_entry(config)
-    name = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<in-memory checkpoint>"
-    converted = convert.to_canonical(checkpoint, entry.architecture, allow_pickle=allow_pickle,
-                                     check=True)
-    num_classes = converted.num_classes if with_head else 0
-    entry = _select_entry(entry, num_classes, name)
-    repo_id = repo_id or entry.hub.repo_id
-    if not repo_id or repo_id.count("/") != 1:
-        raise ValueError(f"{entry.config_path or entry.name}: need a Hub repo id ORG/NAME (got {repo_id!r}); pass --repo-id")
-
-    structure = _arch_structure(entry.architecture, entry.model_args, num_classes)
-    model = structure.pop("model")
-    state_dict = converted.full_state_dict(with_head=bool(num_classes))
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
+def verify_md5(path: PathLike, expected_prefix: Optional[str]) -> str:
+    """Check the md5 of ``path`` starts with ``expected_prefix`` (the MoCo README publishes 8-hex-digit prefixes)."""
+    digest = md5_file(path)
+    if expected_prefix and not digest.startswith(expected_prefix.lower()):
         raise CheckpointError(
-            f"{name}: weights do not strict-load into timm {entry.architecture!r} "
-            f"(model_args={entry.model_args}, num_classes={num_classes}) from {entry.config_path or entry.name}: {e}"
-        ) from e
-    del model
-
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="moco-zoo-hub-"))
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"Hub folder {out} is not empty (pass overwrite=True to replace its files)")
-        for stale in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, DETECTRON2_FILE):
-            (out / stale).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-    label_names = None
-    if num_classes:
-        label_names = converted.class_names or (_imagenet_label_names(num_classes)
-                                                if entry.dataset.startswith("imagenet") else None)
-        if label_names is not None and len(label_names) != num_classes:
-            label_names = None
-    convert.save_timm(converted, out / WEIGHTS_FILE, with_head=bool(num_classes))
-    records: List[FileRecord] = []
-    records.append(FileRecord(WEIGHTS_FILE, (out / WEIGHTS_FILE).stat().st_size, sha256_file(out / WEIGHTS_FILE)))
-    if converted.family == "resnet":
-        convert.save_detectron2(converted, out / DETECTRON2_FILE)
-        records.append(FileRecord(DETECTRON2_FILE, (out / DETECTRON2_FILE).stat().st_size,
-                                  sha256_file(out / DETECTRON2_FILE)))
-    hub_config = build_hub_config(entry, structure, num_classes, label_names)
-    # the weights' checksums travel with the config, so every download can be verified (verify_hub_files)
-    hub_config[CHECKSUMS_KEY] = {r.name: {"sha256": r.sha256, "size": r.size} for r in records}
-    atomic_write_text(out / CONFIG_FILE, json.dumps(hub_config, indent=2) + "\n")
-    records.append(FileRecord(CONFIG_FILE, (out / CONFIG_FILE).stat().st_size, sha256_file(out / CONFIG_FILE)))
-
-    rows = _coerce_rows(measured_metrics)
-    fmt = converted.source_format
-    card = render_model_card(entry, repo_id, records, rows, num_classes=num_classes,
-                             source_note=f"{fmt} checkpoint `{Path(name).name}`" if fmt else None)
-    atomic_write_text(out / CARD_FILE, card)
-    return HubFolder(path=out, repo_id=repo_id, entry=entry, files={r.name: r.sha256 for r in records},
-                     config=hub_config,
-                     num_classes=num_classes)
+            f"{path}: md5 checksum mismatch: expected prefix {expected_prefix}, got {digest} "
+            f"(corrupt or different download; delete the file and retry)"
+        )
+    return digest
 
 
-def upload_hub_folder(folder: Union[HubFolder, PathLike], repo_id: Optional[str] = None, *,
-                      endpoint: Optional[str] = None, token: Union[str, bool, None] = None,
-                      private: Optional[bool] = None, revision: Optional[str] = None,
-                      commit_message: Optional[str] = None) -> str:
-    """``create_repo(exist_ok=True)`` + ``upload_folder``; returns the commit URL.
-
-    ``endpoint`` defaults to ``HF_ENDPOINT`` (huggingface.co); refuses to run in offline mode.
-    """
-    from huggingface_hub import HfApi, constants
-
-    path = folder.path if isinstance(folder, HubFolder) else Path(folder)
-    repo_id = repo_id or (folder.repo_id if isinstance(folder, HubFolder) else None)
-    if not repo_id:
-        raise ValueError(f"upload of {path}: no repo id given")
-    if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a Hub folder (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
-                                f"run `moco-zoo publish --dry-run --local-dir {path}` first")
-    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE"):
-        raise ConnectionError(f"cannot upload {path} to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); "
-                           f"unset it or use --dry-run")
-    api = HfApi(endpoint=endpoint.rstrip("/") if endpoint else None, token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(path), revision=revision,
-        commit_message=commit_message or f"Upload {repo_id} (moco-zoo)",
-        allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, DETECTRON2_FILE],
-    )
-    return str(getattr(info, "commit_url", info))
+# ----------------------------------------------------------------------------------------------------- plain URLs
 
 
-def publish(
-    checkpoint: Union[PathLike, Mapping[str, Any]],
-    config: Union[PathLike, str, ZooEntry],
-    repo_id: Optional[str] = None,
-    *,
-    local_dir: Optional[PathLike] = None,
-    dry_run: bool = False,
-    endpoint: Optional[str] = None,
-    token: Union[str, bool, None] = None,
-    private: Optional[bool] = None,
-    metrics_files: Sequence[PathLike] = (),
-    measured_metrics: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]] = None,
-    allow_pickle: bool = False,
-) -> Tuple[HubFolder, Optional[str]]:
-    """Prepare the Hub folder (in ``local_dir`` or a temporary directory) and upload it unless ``dry_run``.
+def url_cache_path(url: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` (timm's ``url`` loader) caches ``url``."""
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / os.path.basename(urlparse(url).path)
 
-    Returns ``(folder, commit_url or None)``. When no ``local_dir`` is given and the upload succeeds, the temporary
-    folder is removed afterwards (``folder.path`` then no longer exists).
-    """
-    rows = _coerce_rows(measured_metrics) + load_measured_metrics(metrics_files)
-    folder = prepare_hub_folder(checkpoint, config, repo_id, local_dir, measured_metrics=rows,
-                                allow_pickle=allow_pickle)
-    if dry_run:
-        return folder, None
+
+def download_url(url: str, dest: Optional[PathLike] = None, *, md5_prefix: Optional[str] = None,
+                 cache_dir: Optional[PathLike] = None, progress: bool = False) -> Path:
+    """Download ``url`` to ``dest`` (default: timm/torch.hub's url cache, so timm's own loader finds it) and check its
+    md5 prefix before anything unpickles it.
+
+    A cached copy that fails the check is fetched once more; a download that fails it is deleted and
+    :class:`CheckpointError` raised. The file appears atomically (``torch.hub.download_url_to_file``)."""
+    path = Path(dest) if dest is not None else url_cache_path(url, cache_dir)
+    if path.is_file():
+        try:
+            verify_md5(path, md5_prefix)
+            return path
+        except CheckpointError:
+            logger.warning("%s: the cached copy failed its md5 check; downloading it again", path)
+            path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        url = upload_hub_folder(folder, endpoint=endpoint, token=token, private=private)
-    finally:
-        if local_dir is None and not dry_run:
-            shutil.rmtree(folder.path, ignore_errors=True)
-    return folder, url
+        torch.hub.download_url_to_file(url, str(path), progress=progress)
+    except Exception as e:
+        raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from e
+    try:
+        verify_md5(path, md5_prefix)
+    except CheckpointError as e:
+        path.unlink(missing_ok=True)
+        raise CheckpointError(f"download of {url}: {e}") from None
+    return path
 
 
-# ------------------------------------------------------------------------------------------------------- download
+# ------------------------------------------------------------------------------------------------ Hub repositories
 
 
 def _env_true(name: str) -> bool:
@@ -629,8 +110,6 @@ def _env_true(name: str) -> bool:
 
 def _current_cache_dir() -> str:
     """The Hugging Face hub cache as the environment says *now* (HF_HUB_CACHE, else HF_HOME/hub)."""
-    from huggingface_hub import constants
-
     if os.environ.get("HF_HUB_CACHE"):
         return os.path.expanduser(os.environ["HF_HUB_CACHE"])
     if os.environ.get("HF_HOME"):
@@ -646,11 +125,7 @@ def resolve_repo_id(name: str) -> str:
         if name.count("/") != 1:
             raise ValueError(f"{name!r} is not a Hub repo id (expected ORG/NAME)")
         return name
-    entry = load_entry(name)
-    return entry.hub.repo_id
-
-
-CHECKSUMS_KEY = "moco_zoo_checksums"
+    return zoo.resolve_entry(name).hub.repo_id
 
 
 def _remove_cached(path: Path) -> None:
@@ -716,9 +191,6 @@ def download(name: str, *, revision: Optional[str] = None, filename: Optional[st
     The cache location and offline mode follow the environment at call time (``HF_HUB_CACHE`` / ``HF_HOME``,
     ``HF_HUB_OFFLINE``): offline, only cached files are returned.
     """
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     repo_id = resolve_repo_id(name)
     cache = str(cache_dir) if cache_dir is not None else _current_cache_dir()
     offline = _env_true("HF_HUB_OFFLINE") if local_files_only is None else local_files_only
@@ -736,7 +208,7 @@ def download(name: str, *, revision: Optional[str] = None, filename: Optional[st
                         logger.debug("%s: no config.json, so no recorded checksums", where)
                 verify_hub_files(path.parent, [filename], source=where)
                 return path
-            snapshot = Path(snapshot_download(allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, DETECTRON2_FILE],
+            snapshot = Path(snapshot_download(allow_patterns=list(HUB_FILES),
                                               **kwargs))
             verify_hub_files(snapshot, source=where)
             return snapshot
@@ -755,76 +227,3 @@ def download(name: str, *, revision: Optional[str] = None, filename: Optional[st
                                   f"{str(e).splitlines()[0] if str(e) else 'no detail'}); partial files were removed, "
                                   f"run the same command again") from None
     raise AssertionError("unreachable")
-
-
-# ----------------------------------------------------------------------------------------------- import official
-
-
-def fetch_official(url: str, dest: PathLike, *, expected_md5: Optional[str] = None, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` (atomically, resumable only by retrying) and check the md5 prefix if given."""
-    from .convert import verify_md5
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_file():
-        try:
-            verify_md5(dest, expected_md5)
-            return dest
-        except CheckpointError:
-            dest.unlink()
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            shutil.copyfileobj(resp, out, length=1 << 20)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot download {url} to {dest}: {e}") from e
-    try:
-        verify_md5(tmp, expected_md5)
-    except CheckpointError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"download of {url}: {e}") from e
-    os.replace(tmp, dest)
-    return dest
-
-
-def import_official(
-    name: Union[str, PathLike, ZooEntry],
-    *,
-    file: Optional[PathLike] = None,
-    url: Optional[str] = None,
-    expected_md5: Optional[str] = None,
-    out_dir: Optional[PathLike] = None,
-    download_dir: Optional[PathLike] = None,
-    repo_id: Optional[str] = None,
-    measured_metrics: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]] = None,
-    allow_pickle: bool = False,
-) -> HubFolder:
-    """Official release of zoo entry ``name`` -> verified file -> converted weights -> Hub folder in ``out_dir``.
-
-    The file is ``file`` if given (a local copy), else downloaded from ``url`` (default: the URL in hub_configs) into
-    ``download_dir`` (default ``$MOCO_ZOO_DATA/official`` or ``~/.cache/moco_zoo/official``). Its md5 must start with
-    ``expected_md5`` (default: the prefix published by the authors, recorded in hub_configs; entries without a
-    published checksum are not verified).
-    """
-    from .convert import verify_md5
-
-    entry = load_entry(name)
-    src = entry.source
-    md5 = expected_md5 if expected_md5 is not None else src.md5_prefix
-    if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise FileNotFoundError(f"official checkpoint {path} for {entry.name} does not exist")
-        verify_md5(path, md5)
-    else:
-        link = url or src.url
-        if not link:
-            raise ValueError(f"{entry.config_path or entry.name}: no official source URL recorded; pass --file")
-        base = Path(download_dir) if download_dir is not None else Path(
-            os.environ.get("MOCO_ZOO_DATA") or Path.home() / ".cache" / "moco_zoo") / "official"
-        filename = (src.filename if not url else None) or link.rstrip("/").rsplit("/", 1)[-1]
-        path = fetch_official(link, base / entry.name / filename, expected_md5=md5)
-    out = Path(out_dir) if out_dir is not None else Path.cwd() / "hub_folders" / entry.name
-    return prepare_hub_folder(path, entry, repo_id, out, measured_metrics=measured_metrics,
-                              allow_pickle=allow_pickle)

@@ -16,10 +16,11 @@ Weight sources, per entry:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
+from timm.data import ImageNetInfo
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -27,7 +28,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from . import zoo
 from .checkpoint import CheckpointError
-from .convert import adapt_pos_embed, download_verified, to_canonical
+from .convert import adapt_pos_embed, load_checkpoint_file, to_canonical
+from .hub import download, download_url
 
 __all__ = ["default_cfgs", "checkpoint_filter_fn", "pretrained_cfg_for_entry", "moco_r18", "moco_r50", "moco_vit_small",
            "moco_vit_base"]
@@ -58,13 +60,9 @@ _ARCHS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _imagenet_label_names():
-    try:
-        from timm.data import ImageNetInfo
-
-        return tuple(ImageNetInfo().label_names())
-    except Exception:  # older timm without ImageNetInfo
-        return None
+def imagenet_label_names() -> Tuple[str, ...]:
+    """The 1000 ImageNet-1k synsets in classifier order (timm's ImageNetInfo)."""
+    return tuple(ImageNetInfo().label_names())
 
 
 def pretrained_cfg_for_entry(entry: zoo.ZooEntry) -> Dict[str, Any]:
@@ -97,7 +95,7 @@ def pretrained_cfg_for_entry(entry: zoo.ZooEntry) -> Dict[str, Any]:
         **arch["cfg"],
     )
     if entry.is_classifier and entry.num_classes == 1000 and entry.dataset.startswith("imagenet"):
-        names = _imagenet_label_names()
+        names = imagenet_label_names()
         if names:
             cfg["label_names"] = names
     return cfg
@@ -167,24 +165,16 @@ def _prefetch_verified(variant: str, kwargs: Dict[str, Any]) -> None:
     if cfg.state_dict is not None or cfg.file or cfg.source in ("hf-hub", "local-dir"):
         return
     if cfg.hf_hub_id:
-        try:
-            import huggingface_hub  # noqa: F401
-        except ImportError:
-            huggingface_hub = None
-        if huggingface_hub is not None:
-            # timm prefers the Hub copy: fetch it into the HF cache through moco_zoo.hub.download, which checks the
-            # sha256 recorded in its config.json (and repairs a bad cached copy) before timm reads the same file
-            from .hub import download
-
-            hub_id = cfg.hf_hub_id.split("@")[0]
-            download(hub_id, filename=cfg.hf_hub_filename or "model.safetensors")
-            return
+        # timm prefers the Hub copy: fetch it into the HF cache through moco_zoo.hub.download, which checks the
+        # sha256 recorded in its config.json (and repairs a bad cached copy) before timm reads the same file
+        download(cfg.hf_hub_id.split("@")[0], filename=cfg.hf_hub_filename or "model.safetensors")
+        return
     if not cfg.url:
         return
     entry = zoo.find_entry(f"{variant}.{cfg.tag}" if cfg.tag else variant)
     md5 = entry.source.md5_prefix if entry is not None else None
     url = cfg.url if isinstance(cfg.url, str) else cfg.url[0]
-    download_verified(url, md5, cache_dir=kwargs.get("cache_dir"))
+    download_url(url, md5_prefix=md5, cache_dir=kwargs.get("cache_dir"))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -199,8 +189,6 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     local_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
     if local_file:
         # timm would unpickle the file itself: read it through our safe loader first, so a bad file is an error naming it
-        from .convert import load_checkpoint_file
-
         load_checkpoint_file(local_file)
     return build_model_with_cfg(
         arch["cls"], variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **extra, **model_args

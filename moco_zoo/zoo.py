@@ -318,3 +318,20 @@ def find_entry(name: str) -> Optional[ZooEntry]:
         if e.model == model and e.tag == tag:
             return e
     return None
+
+
+def resolve_entry(config: Any) -> ZooEntry:
+    """The entry of ``config``: a hub_configs file path, a zoo name (``moco_r50.v2_800ep``, a classifier tag such as
+    ``moco_r50.v3_300ep_lincls_in1k``, or a bare model name for its default tag) or a :class:`ZooEntry`."""
+    if isinstance(config, ZooEntry):
+        return config
+    p = Path(config)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise FileNotFoundError(f"hub config {p} does not exist")
+        return load_entry(p)
+    entry = find_entry(str(config))
+    if entry is None:
+        known = ", ".join(e.name for e in entries())
+        raise ValueError(f"unknown zoo model {str(config)!r}; known entries: {known}")
+    return entry

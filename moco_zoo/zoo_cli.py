@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Callable, List
 
+from . import hub, publish, zoo
+from .convert import convert_file
 
 # ------------------------------------------------------------------------------------------------------------ convert
 
@@ -34,8 +36,6 @@ def add_convert(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_file
-
     path, conv = convert_file(args.ckpt, args.to, args.out, arch=args.arch, allow_pickle=args.allow_pickle)
     what = f"classifier ({conv.num_classes} classes)" if conv.is_classifier else "backbone"
     print(
@@ -59,8 +59,6 @@ def _fmt_metric(v) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import zoo
-
     rows = []
     for e in zoo.entries():
         default = zoo.default_entry(e.model)
@@ -101,7 +99,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 # ====================================================================================================================
-# Hub commands: publish, download, import-official (implemented in moco_zoo.hub; this block registers them)
+# Hub commands: publish, download, import-official (implemented in moco_zoo.publish and moco_zoo.hub; this block registers them)
 # ====================================================================================================================
 
 
@@ -130,10 +128,8 @@ def add_publish(sub) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from . import hub
-
     dry = bool(args.dry_run)
-    folder, url = hub.publish(
+    folder, url = publish.publish(
         args.ckpt, args.config, args.repo_id, local_dir=args.local_dir, dry_run=dry, endpoint=args.endpoint,
         token=args.token, private=True if args.private else None, metrics_files=args.metrics,
         allow_pickle=args.allow_pickle,
@@ -165,8 +161,6 @@ def add_download(sub) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from . import hub
-
     path = hub.download(args.name, revision=args.revision, filename=args.file, endpoint=args.endpoint,
                         cache_dir=args.cache_dir)
     print(path)
@@ -195,11 +189,9 @@ def add_import_official(sub) -> None:
 
 
 def cmd_import_official(args: argparse.Namespace) -> int:
-    from . import hub
-
-    folder = hub.import_official(args.name, file=args.file, url=args.url, expected_md5=args.md5, out_dir=args.out,
-                                 download_dir=args.download_dir, repo_id=args.repo_id,
-                                 allow_pickle=args.allow_pickle)
+    folder = publish.import_official(args.name, file=args.file, url=args.url, expected_md5=args.md5, out_dir=args.out,
+                                     download_dir=args.download_dir, repo_id=args.repo_id,
+                                     allow_pickle=args.allow_pickle)
     print(f"{folder.entry.name}: Hub folder for {folder.repo_id} written to {folder.path}")
     for name, digest in folder.files.items():
         print(f"  {name}  sha256 {digest}")

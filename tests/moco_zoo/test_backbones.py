@@ -11,7 +11,7 @@ import timm
 import torch
 
 import moco_zoo
-from moco_zoo import convert, zoo
+from moco_zoo import convert, hub, zoo
 from moco_zoo.checkpoint import CheckpointError
 
 from . import official_formats as of
@@ -134,7 +134,7 @@ def test_zoo_name_through_timm_url_cache(tmp_path, monkeypatch):
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / entry.source.filename
     torch.save(ckpt, target)
-    md5 = convert.md5_file(target)
+    md5 = hub.md5_file(target)
     real_find = zoo.find_entry
 
     def find(name):

@@ -16,7 +16,7 @@ import torchvision
 from safetensors.torch import load_file
 
 import moco_zoo  # noqa: F401  (registers moco_* models)
-from moco_zoo import convert
+from moco_zoo import convert, hub
 from moco_zoo.checkpoint import CheckpointError
 
 from . import official_formats as of
@@ -324,10 +324,10 @@ def test_torchvision_export_refuses_vit(tmp_path):
 def test_md5_verification(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"hello")
-    digest = convert.verify_md5(p, "5d41402a")
+    digest = hub.verify_md5(p, "5d41402a")
     assert digest.startswith("5d41402a")
     with pytest.raises(CheckpointError, match="md5"):
-        convert.verify_md5(p, "deadbeef")
+        hub.verify_md5(p, "deadbeef")
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI

@@ -30,7 +30,7 @@ pytest.importorskip("huggingface_hub")
 from huggingface_hub import ModelCard, hf_hub_download  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from moco_zoo import hub, zoo  # noqa: E402
+from moco_zoo import hub, publish, zoo  # noqa: E402
 from moco_zoo.checkpoint import CheckpointError  # noqa: E402
 from tools.hub_server import LocalHubServer, hub_client_pointed_at  # noqa: E402
 from moco_zoo.zoo_cli import add_commands  # noqa: E402
@@ -115,8 +115,8 @@ def test_hub_folder_resnet(tmp_path):
     metrics = tmp_path / "lincls.json"
     metrics.write_text(json.dumps({"source": "synthetic lincls run", "dataset": "synthetic-shapes",
                                    "metrics": {"top1": 61.25, "top5": 97.5, "note": "text is ignored"}}))
-    folder = hub.prepare_hub_folder(ckpt, cfg, "org/moco-r18", tmp_path / "out",
-                                    measured_metrics=hub.load_measured_metrics([metrics]))
+    folder = publish.prepare_hub_folder(ckpt, cfg, "org/moco-r18", tmp_path / "out",
+                                    measured_metrics=publish.load_measured_metrics([metrics]))
     out = folder.path
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "detectron2.pkl", "model.safetensors"]
 
@@ -172,7 +172,7 @@ def test_hub_folder_resnet(tmp_path):
         assert digest in text and folder.files[name] == digest
     assert "| ImageNet-1k linear probe top-1 (%) | imagenet-1k | 71.1 | published |" in text
     assert "| top1 | synthetic-shapes | 61.25 | this project (synthetic lincls run) |" in text
-    assert "note" not in [r.name for r in hub.load_measured_metrics([metrics])]
+    assert "note" not in [r.name for r in publish.load_measured_metrics([metrics])]
     assert 'timm.create_model("hf-hub:org/moco-r18", pretrained=True)' in text
     assert "torchvision.models.resnet18()" in text and 'hf_hub_download("org/moco-r18", "detectron2.pkl")' in text
     assert "@inproceedings{he2020moco" in text and "@article{chen2020mocov2" in text
@@ -184,9 +184,9 @@ def test_hub_folder_vit_classifier_and_errors(tmp_path):
     expected = _official_v3_vit("vit_tiny_patch16_224", ckpt, num_heads=6)
     cfg = _small_config(tmp_path, "vit_tiny_patch16_224", model="moco_vit_small", tag="test_vit_t",
                         model_args={"num_heads": 6}, base=ROOT / "hub_configs" / "moco_v3_vit_small_300ep.yaml")
-    folder = hub.prepare_hub_folder(ckpt, cfg, "org/moco-vit-t", tmp_path / "vit")
+    folder = publish.prepare_hub_folder(ckpt, cfg, "org/moco-vit-t", tmp_path / "vit")
     config = json.loads((folder.path / "config.json").read_text())
-    assert config["architecture"] == "vit_tiny_patch16_224" and config["model_args"] == {"num_heads": 6}
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["model_args"]["num_heads"] == 6
     assert config["pretrained_cfg"]["fixed_input_size"] is True and config["global_pool"] == "token"
     assert not (folder.path / "detectron2.pkl").exists()
     model = timm.create_model(f"local-dir:{folder.path}", pretrained=True)
@@ -203,24 +203,25 @@ def test_hub_folder_vit_classifier_and_errors(tmp_path):
     lp = tmp_path / "lincls.pth"
     torch.save({"kind": "linear-probe", "format_version": 1, "arch": "resnet18", "num_classes": 4,
                 "class_names": names, "state_dict": clf.state_dict(), "source": "test", "metrics": {}}, lp)
-    folder = hub.prepare_hub_folder(lp, _small_config(tmp_path), "org/moco-r18-lincls", tmp_path / "clf")
+    folder = publish.prepare_hub_folder(lp, _small_config(tmp_path), "org/moco-r18-lincls", tmp_path / "clf")
     config = json.loads((folder.path / "config.json").read_text())
     assert config["num_classes"] == 4 and config["label_names"] == names
-    assert config["pretrained_cfg"]["label_names"] == names and folder.entry.is_classifier
+    assert folder.entry.is_classifier
     front = _front_matter((folder.path / "README.md").read_text())
     assert front["pipeline_tag"] == "image-classification"
     loaded = timm.create_model(f"local-dir:{folder.path}", pretrained=True)
+    assert list(loaded.pretrained_cfg["label_names"]) == names  # timm reads the root label_names of save_for_hf
     torch.testing.assert_close(_features(loaded), _features(clf))
 
     # errors name the file and the problem
     with pytest.raises(CheckpointError, match="resnet50"):
-        hub.prepare_hub_folder(tmp_path / "vit-t-300ep.pth.tar", V2_800, "org/x", tmp_path / "bad")
+        publish.prepare_hub_folder(tmp_path / "vit-t-300ep.pth.tar", V2_800, "org/x", tmp_path / "bad")
     with pytest.raises(ValueError, match="ORG/NAME"):
-        hub.prepare_hub_folder(lp, _small_config(tmp_path), "no-slash", tmp_path / "bad2")
+        publish.prepare_hub_folder(lp, _small_config(tmp_path), "no-slash", tmp_path / "bad2")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
-        hub.prepare_hub_folder(lp, tmp_path / "missing.yaml", "org/x", tmp_path / "bad3")
+        publish.prepare_hub_folder(lp, tmp_path / "missing.yaml", "org/x", tmp_path / "bad3")
     with pytest.raises(ValueError, match="unknown zoo model"):
-        hub.load_entry("moco_r50.no_such_tag")
+        zoo.resolve_entry("moco_r50.no_such_tag")
 
 
 def test_dry_run_offline_upload_and_repo_ids(tmp_path, monkeypatch):
@@ -235,7 +236,7 @@ def test_dry_run_offline_upload_and_repo_ids(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="offline mode"):
-        hub.upload_hub_folder(tmp_path / "dry", "org/r18", endpoint="http://127.0.0.1:9")
+        publish.upload_hub_folder(tmp_path / "dry", "org/r18", endpoint="http://127.0.0.1:9")
     with pytest.raises(FileNotFoundError, match="org/never"):
         hub.download("org/never")
     assert hub.resolve_repo_id("hf-hub:a/b") == "a/b" and hub.resolve_repo_id("a/b") == "a/b"
@@ -266,7 +267,7 @@ def test_import_official_local_file_and_loopback_url(tmp_path):
     assert all(torch.equal(sd[k], expected[k]) for k in expected)
     assert md5[:8] in (tmp_path / "a" / "README.md").read_text()
     with pytest.raises(CheckpointError, match="md5"):
-        hub.import_official(cfg, file=ckpt, expected_md5="deadbeef", out_dir=tmp_path / "b")
+        publish.import_official(cfg, file=ckpt, expected_md5="deadbeef", out_dir=tmp_path / "b")
 
     # the same file served over loopback HTTP (the path a real user takes, with the authors' URL)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(ckpt.parent)))
@@ -274,7 +275,7 @@ def test_import_official_local_file_and_loopback_url(tmp_path):
     thread.start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/{ckpt.name}"
-        folder = hub.import_official(cfg, url=url, out_dir=tmp_path / "c", download_dir=tmp_path / "dl")
+        folder = publish.import_official(cfg, url=url, out_dir=tmp_path / "c", download_dir=tmp_path / "dl")
         assert folder.files["model.safetensors"] == hashlib.sha256(folder.weights.read_bytes()).hexdigest()
         sd = load_file(str(folder.weights))
         assert all(torch.equal(sd[k], expected[k]) for k in expected)
@@ -282,7 +283,7 @@ def test_import_official_local_file_and_loopback_url(tmp_path):
         assert len(downloaded) == 1 and hashlib.md5(downloaded[0].read_bytes()).hexdigest() == md5
         # a download that does not match the published checksum is refused and not kept
         with pytest.raises(CheckpointError, match="md5"):
-            hub.import_official(cfg, url=url, expected_md5="00000000", out_dir=tmp_path / "d",
+            publish.import_official(cfg, url=url, expected_md5="00000000", out_dir=tmp_path / "d",
                                 download_dir=tmp_path / "dl2")
         assert not list((tmp_path / "dl2").rglob("*.pth.tar*"))
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco_zoo import hub
+from moco_zoo import hub, publish
 from moco_zoo.checkpoint import CheckpointError
 from tools.hub_server import LocalHubServer, hub_client_pointed_at
 
@@ -32,7 +32,7 @@ def published(tmp_path):
     endpoint = server.start()
     cache = tmp_path / "hf-cache"
     with hub_client_pointed_at(endpoint, offline=False, cache_dir=cache):
-        folder, _ = hub.publish(ckpt, _small_config(tmp_path), REPO, endpoint=endpoint)
+        folder, _ = publish.publish(ckpt, _small_config(tmp_path), REPO, endpoint=endpoint)
     yield server, endpoint, cache, folder, expected
     server.stop()
 
@@ -170,7 +170,6 @@ def test_a_cut_connection_is_resumed_or_one_line(published, capsys, monkeypatch)
         assert hub.verify_hub_files(snapshot) == ["model.safetensors", "detectron2.pkl"]
     finally:
         proxy.close()
-    import huggingface_hub
 
     class RemoteProtocolError(Exception):  # the name httpx gives a connection closed mid-body
         pass
@@ -181,7 +180,7 @@ def test_a_cut_connection_is_resumed_or_one_line(published, capsys, monkeypatch)
     def cut(*args, **kwargs):
         raise RemoteProtocolError("peer closed connection without sending complete message body")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", cut)
+    monkeypatch.setattr(hub, "snapshot_download", cut)
     with hub_client_pointed_at(endpoint, offline=False, cache_dir=cache):
         assert main(["download", REPO]) == 2
     err = capsys.readouterr().err

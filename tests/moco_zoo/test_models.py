@@ -13,7 +13,7 @@ import timm
 import torch
 
 import moco_zoo  # noqa: F401  (registers the models)
-from moco_zoo import convert, models, zoo
+from moco_zoo import convert, hub, models, zoo
 from moco_zoo.checkpoint import CheckpointError
 
 from . import official_formats as of
@@ -153,7 +153,7 @@ def _patch_md5(monkeypatch, name: str, md5_prefix):
 def test_pretrained_from_official_url_converted_on_the_fly(official_v2, loopback_server, monkeypatch):
     path, encoder = official_v2
     url = f"{loopback_server}/{path.name}"
-    _patch_md5(monkeypatch, "moco_r50.v2_800ep", convert.md5_file(path)[:8])
+    _patch_md5(monkeypatch, "moco_r50.v2_800ep", hub.md5_file(path)[:8])
     model = timm.create_model("moco_r50.v2_800ep", pretrained=True, pretrained_cfg_overlay=dict(url=url), **LITE).eval()
     torch.testing.assert_close(of.features(model, X), of.features(encoder, X), rtol=1e-4, atol=1e-5)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / path.name
@@ -185,7 +185,7 @@ def test_pretrained_url_is_loaded_weights_only(tmp_path, monkeypatch):
     folder.mkdir()
     path = folder / "moco_v1_200ep_pretrain.pth.tar"
     torch.save(ckpt, path)
-    _patch_md5(monkeypatch, "moco_r50.v1_200ep", convert.md5_file(path)[:8])
+    _patch_md5(monkeypatch, "moco_r50.v1_200ep", hub.md5_file(path)[:8])
     handler = functools.partial(_QuietHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
