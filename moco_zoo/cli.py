@@ -9,6 +9,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import EXPECTED_ERRORS, report
+
 # Modules that contribute subcommands (make-data; convert, publish, download, list, import-official).
 COMMAND_MODULES = ("moco_zoo.data.cli", "moco_zoo.zoo_cli")
 
@@ -26,7 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .errors import EXPECTED_ERRORS, report
 
     try:
         return int(args.func(args) or 0)

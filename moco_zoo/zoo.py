@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import site
 import sys
 import sysconfig
 from dataclasses import dataclass, field, replace
@@ -140,8 +141,6 @@ def _candidate_dirs() -> List[Path]:
     out.append(Path(__file__).resolve().parent.parent / "hub_configs")
     prefixes = [sys.prefix, sys.base_prefix, sysconfig.get_paths().get("data", "")]
     try:
-        import site
-
         prefixes.append(site.getuserbase())
     except Exception:
         pass

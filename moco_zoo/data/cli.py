@@ -6,6 +6,9 @@ import sys
 import time
 from typing import Any, Dict
 
+from . import write_coco, write_imagefolder, write_voc
+from .verify import find_bad_images, image_files, report_bad_images
+
 FORMATS = ("imagefolder", "voc", "coco")
 
 
@@ -39,7 +42,6 @@ def add_make_data(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``make-data``; bad arguments raise ValueError / FileExistsError (reported by moco_zoo.cli.main)."""
-    from . import write_coco, write_imagefolder, write_voc
 
     if args.format not in FORMATS:
         raise ValueError(f"unknown format {args.format!r}; expected one of {', '.join(FORMATS)}")
@@ -75,8 +77,6 @@ def add_verify(subparsers: Any) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from .verify import find_bad_images, image_files, report_bad_images
-
     files = image_files(args.path)
     bad = find_bad_images(files)
     if bad:

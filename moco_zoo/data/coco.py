@@ -1,7 +1,6 @@
 """COCO instance annotations reader (the real COCO 2017 layout) on top of pycocotools.
 
 Layout::
-
     <root>/annotations/instances_<split>.json
     <root>/<split>/*.jpg
 
@@ -13,6 +12,8 @@ category ids are mapped to contiguous labels ``1..C`` (sorted by category id; 0 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 
 PathLike = Union[str, os.PathLike]
 
@@ -150,9 +152,6 @@ def _check_segmentation(seg: Any, img: Dict[str, Any], where: str) -> None:
 
 def coco_from_dict(data: Dict[str, Any]):
     """A ``pycocotools.coco.COCO`` built from an already-loaded dict (no second read, no stdout chatter)."""
-    from pycocotools.coco import COCO
-    import contextlib
-    import io
 
     coco = COCO()
     coco.dataset = data

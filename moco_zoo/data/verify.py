@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple, Union
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def check_image(path: Union[str, Path]) -> str:
 def find_bad_images(paths: Sequence[Union[str, Path]], *, progress: bool = True,
                     desc: str = "verify images") -> List[Tuple[str, str]]:
     """``[(path, reason)]`` of every file in ``paths`` that does not decode (all of them, not just the first)."""
-    from tqdm.auto import tqdm
 
     bad = []
     for p in tqdm(paths, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):

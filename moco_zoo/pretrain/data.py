@@ -13,9 +13,12 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from moco_zoo.data import ensure_dataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -87,10 +90,6 @@ def resolve_split(data: Union[str, Path], split: str = "train") -> Path:
 def resolve_data_root(data: str, num_images: int = 800, image_size: int = 64, seed: int = 0) -> Path:
     """``synthetic`` -> the embedded synthetic ImageFolder (generated once into the cache), else ``data``."""
     if data == "synthetic":
-        try:
-            from moco_zoo.data import ensure_dataset
-        except ImportError as e:  # pragma: no cover - depends on moco_zoo.data being installed
-            raise DataError("--data synthetic needs moco_zoo.data.ensure_dataset (moco_zoo.data is missing)") from e
         return Path(ensure_dataset("imagefolder", num_images=num_images, image_size=image_size, seed=seed))
     return Path(data)
 
@@ -203,12 +202,7 @@ class ResumableBatchSampler(Sampler[List[Tuple[int, int]]]):
 def _worker_init(worker_id: int) -> None:
     # Per-sample seeding makes augmentation independent of this; still give numpy a distinct, reproducible seed.
     info = torch.utils.data.get_worker_info()
-    try:
-        import numpy as np
-
-        np.random.seed(info.seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(info.seed % 2**32)
 
 
 def make_loader(dataset: Dataset, batch_sampler: Optional[Sampler] = None, *, batch_size: int = 1,

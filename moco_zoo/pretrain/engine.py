@@ -11,7 +11,7 @@ DDP's ``broadcast_buffers``, but without also broadcasting the queue), so the ke
 """
 from __future__ import annotations
 
-import io
+import inspect
 import json
 import logging
 import math
@@ -23,22 +23,49 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
-from moco_zoo.checkpoint import (KIND_PRETRAIN, CheckpointError, atomic_torch_save, atomic_write_bytes,
-                                 checkpoint_kind, remove_stale_temporaries, safe_torch_load)
-from moco_zoo.device import (autocast, autocast_dtype, init_distributed_from_env, is_distributed, is_main_process,
-                             is_main_process_env, keep_host_memory_mapped, rank, world_size)
+from moco_zoo.checkpoint import (
+    KIND_PRETRAIN,
+    CheckpointError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    checkpoint_kind,
+    remove_stale_temporaries,
+    safe_torch_load,
+)
+from moco_zoo.data.verify import find_bad_images, report_bad_images
+from moco_zoo.device import (
+    autocast,
+    autocast_dtype,
+    init_distributed_from_env,
+    is_distributed,
+    is_main_process,
+    is_main_process_env,
+    keep_host_memory_mapped,
+    rank,
+    world_size,
+)
+from moco_zoo.plots import new_figure, save_png
 from moco_zoo.runlock import RunLock
 
 from .augment import TwoCropsTransform, pretrain_transform
 from .batched_augment import BatchedPhotometric, GeometricViews
 from .builder import MoCo
 from .config import MocoConfig
-from .data import (CorruptImageError, ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root,
-                   resolve_split)
+from .data import (
+    CorruptImageError,
+    ImageFolderDataset,
+    ResumableBatchSampler,
+    make_loader,
+    resolve_data_root,
+    resolve_split,
+)
+from .knn import KNNMonitor
 from .shuffle_bn import resolve_shuffle_mode
 
 logger = logging.getLogger(__name__)
@@ -97,13 +124,8 @@ def get_rng_state(device: torch.device) -> Dict[str, Any]:
     state: Dict[str, Any] = {"torch": torch.get_rng_state()}
     v, internal, gauss = random.getstate()
     state["python"] = [v, list(internal), gauss]
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
-    except ImportError:  # pragma: no cover
-        pass
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -114,8 +136,6 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     if "numpy" in state:
-        import numpy as np
-
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if device.type == "cuda" and "cuda" in state:
@@ -125,12 +145,7 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % 2**32)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -221,11 +236,6 @@ class MetricsLog:
 
 def write_plots(records: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
     """loss.png (training loss vs step) and knn.png (kNN top-1 vs epoch), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
     steps = [(r["global_step"], r["loss"]) for r in records if r.get("type") == "step"]
     knn = [(r["epoch"], r["knn_top1"]) for r in records if r.get("type") == "epoch" and "knn_top1" in r]
@@ -233,16 +243,12 @@ def write_plots(records: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
                                       ("knn.png", knn, "epoch", "kNN top-1 (%)")):
         if not pts:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = new_figure(figsize=(6, 4))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        written.append(atomic_write_bytes(out_dir / name, buf.getvalue()))
+        written.append(save_png(fig, out_dir / name))
     return written
 
 
@@ -309,7 +315,6 @@ class Trainer:
         if self.world > 1:
             # The queue / memory bank are identical on every rank by construction and BN buffers are broadcast by
             # _broadcast_bn_buffers, so DDP must not broadcast all buffers (the queue!) at every forward.
-            import inspect
 
             sync_kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                        inspect.signature(nn.parallel.DistributedDataParallel).parameters else
@@ -330,7 +335,6 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- setup helpers
     def _drop_bad_images(self) -> None:
         """Decode every training image first: list all bad files at once, or skip them (``skip_bad_images``)."""
-        from moco_zoo.data.verify import find_bad_images, report_bad_images
 
         ds = self.dataset
         bad = find_bad_images([p for p, _ in ds.samples], progress=self.main and self.cfg.progress)
@@ -355,7 +359,6 @@ class Trainer:
                 raise FileNotFoundError(f"--knn-data {root}: expected train/ and val/ sub-directories")
             warnings.warn(f"kNN monitor disabled: {root} has no train/ and val/ sub-directories (use --knn-data)")
             return None
-        from .knn import KNNMonitor
 
         return KNNMonitor(root, cfg.image_size, self.device, k=cfg.knn_k, t=cfg.knn_t,
                           batch_size=max(64, self.local_batch), workers=cfg.workers, max_train=cfg.knn_max_train,
@@ -503,8 +506,6 @@ class Trainer:
         batches = -(-cfg.moco_k // gb) if cfg.mechanism == "moco" else self.steps_per_epoch
         bar = None
         if self.main and cfg.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=batches, desc="prefill dictionary", dynamic_ncols=True, leave=False, file=sys.stderr)
         self.model.train()
         stored, done, rnd = 0, 0, 0
@@ -545,8 +546,6 @@ class Trainer:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             bar = None
             if self.main and cfg.progress:
-                from tqdm import tqdm
-
                 bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
                            dynamic_ncols=True, leave=False, file=sys.stderr)
             t0, n0, loss_sum, loss_n = time.perf_counter(), 0, None, 0

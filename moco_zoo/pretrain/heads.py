@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import timm
 import torch.nn as nn
+import torchvision
 
 TORCHVISION_PREFIX = "tv:"
 
@@ -23,8 +25,6 @@ class UnknownArchError(ValueError):
 
 def _create_backbone(arch: str) -> nn.Module:
     if arch.startswith(TORCHVISION_PREFIX) or arch.startswith("torchvision:"):
-        import torchvision
-
         name = arch.split(":", 1)[1]
         try:
             return torchvision.models.get_model(name, weights=None)
@@ -32,7 +32,6 @@ def _create_backbone(arch: str) -> nn.Module:
             known = ", ".join(n for n in torchvision.models.list_models() if "resnet" in n or "resnext" in n)
             raise UnknownArchError(f"unknown torchvision architecture {name!r} (from --arch {arch!r}); "
                                    f"ResNet-style choices: {known}") from e
-    import timm
 
     try:
         # The paper's encoders start from torchvision's ResNet init (last BN gamma of each block = 1); timm's

@@ -22,15 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
+import timm
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
+from moco_zoo import load_backbone_state_dict
 from moco_zoo.checkpoint import KIND_LINEAR_PROBE, atomic_torch_save, atomic_write_bytes, require_kind, safe_torch_load
 from moco_zoo.device import autocast, autocast_dtype, default_device
 
 from .augment import eval_transform, linear_train_transform
 from .data import ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root
 from .engine import get_rng_state, seed_everything, set_rng_state
+from .knn import KNNMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +121,6 @@ def _backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def build_linear_model(spec: str, arch: str, num_classes: int) -> tuple:
     """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) fc, timm arch name)."""
-    import timm
-
-    from moco_zoo import load_backbone_state_dict
 
     sd, arch = load_backbone_state_dict(spec, arch or None)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
@@ -208,7 +209,6 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
     knn: Dict[str, float] = {}
     if cfg.knn:
         # The frozen features' kNN accuracy: a second, training-free view of the same backbone (InstDisc protocol).
-        from .knn import KNNMonitor
 
         monitor = KNNMonitor(root, cfg.image_size, device, workers=cfg.workers, amp_dtype=amp_dtype,
                              channels_last=cfg.channels_last)
@@ -232,8 +232,6 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
         sampler.set_epoch(epoch)
         it = train_loader
         if cfg.progress:
-            from tqdm import tqdm
-
             it = tqdm(train_loader, desc=f"lincls epoch {epoch}", leave=False, file=sys.stderr)
         loss_sum, n = torch.zeros((), device=device), 0
         for images, target, _ in it:

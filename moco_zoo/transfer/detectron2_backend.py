@@ -21,9 +21,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .config import ConfigError, effective_batch
+from moco_zoo import device as devlib
+from moco_zoo.checkpoint import atomic_write_text
+from moco_zoo.convert import ConvertedCheckpoint, save_detectron2
+from moco_zoo.data.voc import load_rgb, to_tensor
+
+from . import report
+from .config import ConfigError, effective_batch, to_yaml
+from .modeling.backbone import trunk_weights
+from .tasks import DetectionTask, model_name
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +227,6 @@ def detectron2_weights(spec: str, arch: str, out_dir: Path, *, seed: int = 0, al
             raise ConfigError(f"{spec}: detectron2 .pkl weights are unpickled when loaded; pass --allow-pickle only if "
                               f"you trust the file, or pass the checkpoint it was converted from")
         return spec
-    from moco_zoo.convert import ConvertedCheckpoint, save_detectron2
-
-    from .modeling.backbone import trunk_weights
 
     state, arch = trunk_weights(spec, arch, seed=seed, allow_pickle=allow_pickle)
     converted = ConvertedCheckpoint(state_dict=state, arch=arch, source_format="backbone", path=spec)
@@ -313,18 +319,12 @@ def run_detectron2(cfg: Any, weights: str, data_root: str, out_dir, *, resume: b
                    eval_only: bool = False) -> Dict[str, Any]:
     """Train and test with detectron2's DefaultTrainer; returns and writes what the torchvision engine does."""
     require_detectron2()
-    import torch
     import detectron2.utils.comm as comm
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.engine import DefaultTrainer, default_setup, hooks
     from detectron2.evaluation import inference_on_dataset
-
-    from moco_zoo import device as devlib
-
-    from .engine import report
-    from .tasks import DetectionTask, model_name
 
     device = devlib.init_distributed_from_env(None if cfg["device"] == "auto" else cfg["device"])
     check_supported(cfg, device.type)
@@ -412,10 +412,6 @@ def run_detectron2(cfg: Any, weights: str, data_root: str, out_dir, *, resume: b
         "checkpoint": str(d2_dir / "model_final.pth"), "final_loss": history[-1]["loss"] if history else None,
     }
     if comm.is_main_process():
-        from moco_zoo.checkpoint import atomic_write_text
-
-        from .config import to_yaml
-
         atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
         atomic_write_text(out_dir / "detectron2_config.yaml", d2.dump())
         report.write_run(out_dir, result, metrics, history, class_names,
@@ -423,8 +419,6 @@ def run_detectron2(cfg: Any, weights: str, data_root: str, out_dir, *, resume: b
                          f"{iteration} iterations, global batch {d2.SOLVER.IMS_PER_BATCH}, lr {d2.SOLVER.BASE_LR:g}, "
                          f"{comm.get_world_size()} process(es), {len(test_set)} test images.")
         for i, (inp, output) in enumerate(adapter.samples):
-            from moco_zoo.data.voc import load_rgb, to_tensor
-
             task.visualize(to_tensor(load_rgb(Path(inp["file_name"]))), None, output, class_names,
                            out_dir / "predictions" / f"sample_{i:02d}.png")
     return result

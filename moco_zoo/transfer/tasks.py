@@ -14,9 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from moco_zoo.data.voc import VOC_IGNORE_INDEX
+from moco_zoo.data.coco import CocoInstances
+from moco_zoo.data.voc import VOC_IGNORE_INDEX, VOCDetection, VOCSegmentation
 
+from . import report
+from .data import TrainTransform
 from .evaluation.base import DatasetEvaluator
+from .evaluation.coco import CocoEvaluator
+from .evaluation.voc import VOCEvaluator
+from .modeling import build_detector
+from .segmentation.data import SegTrainTransform
+from .segmentation.metrics import SegmentationMeter
+from .segmentation.model import build_segmenter
 
 
 def _to_device(targets: Sequence[Dict[str, Any]], device: torch.device) -> List[Dict[str, Any]]:
@@ -89,20 +98,14 @@ class DetectionTask(Task):
         self.name = cfg["task"]
 
     def build_datasets(self, data_root: str):
-        from .engine.data import TrainTransform
-
         cfg = self.cfg
         train_tf = TrainTransform(cfg.flip_prob, cfg.train_use_difficult, drop_crowd=True)
         if self.name == "voc_det":
-            from moco_zoo.data.voc import VOCDetection
-
             root = _voc_root(data_root)
             train = VOCDetection(root, list(cfg.train_sets), transforms=train_tf,
                                  keep_difficult=bool(cfg.train_use_difficult))
             test = VOCDetection(root, list(cfg.test_sets), class_names=train.class_names, keep_difficult=True)
         else:
-            from moco_zoo.data.coco import CocoInstances
-
             root = Path(data_root)
             if not root.is_dir():
                 raise FileNotFoundError(f"{root}: COCO root not found (expected annotations/ and train2017/ under it)")
@@ -115,8 +118,6 @@ class DetectionTask(Task):
         return _subset(train, cfg.max_train_images), _subset(test, cfg.max_test_images), names
 
     def build_model(self, weights: str, num_classes: int, arch: str, device: torch.device) -> nn.Module:
-        from .modeling import build_detector
-
         cfg = self.cfg
         model, _ = build_detector(
             num_classes, weights=weights, arch=arch, detector=cfg.detector, mask=bool(cfg.mask), norm=cfg.norm,
@@ -141,17 +142,12 @@ class DetectionTask(Task):
 
     def build_evaluator(self, test_set, class_names, device):
         if self.name == "voc_det":
-            from .evaluation.voc import VOCEvaluator
-
             return VOCEvaluator(test_set.dataset if isinstance(test_set, Subset) else test_set, class_names,
                                 use_07_metric=bool(self.cfg.use_07_metric))
-        from .evaluation.coco import CocoEvaluator
 
         return CocoEvaluator(test_set.coco, ("bbox", "segm") if self.cfg.mask else ("bbox",), cat_ids=test_set.cat_ids)
 
     def visualize(self, image, target, output, class_names, path):
-        from .engine import report
-
         report.save_image(report.draw_prediction(image, output, class_names, float(self.cfg.vis_score_thresh)), path)
 
     def set_train_sizes(self, model, train):
@@ -166,10 +162,6 @@ class SegmentationTask(Task):
     name = "voc_seg"
 
     def build_datasets(self, data_root: str):
-        from moco_zoo.data.voc import VOCSegmentation
-
-        from .segmentation.data import SegTrainTransform
-
         cfg = self.cfg
         root = str(_voc_root(data_root))
         train = VOCSegmentation(root, list(cfg.train_sets), mask_dir=cfg.mask_dir,
@@ -179,8 +171,6 @@ class SegmentationTask(Task):
                 list(train.class_names))
 
     def build_model(self, weights, num_classes, arch, device):
-        from .segmentation.model import build_segmenter
-
         cfg = self.cfg
         model, _ = build_segmenter(
             weights, num_classes + 1, arch, output_stride=cfg.output_stride, head_channels=cfg.head_channels,
@@ -202,13 +192,9 @@ class SegmentationTask(Task):
         return [model(im[None].to(device)).float().argmax(1)[0].cpu() for im in images]
 
     def build_evaluator(self, test_set, class_names, device):
-        from .segmentation.metrics import SegmentationMeter
-
         return SegmentationMeter(len(class_names) + 1, ["background", *class_names], VOC_IGNORE_INDEX, device=device)
 
     def visualize(self, image, target, output, class_names, path):
-        from .engine import report
-
         report.save_segmentation_sample(image, target, output, path)
 
     def lr_mults(self):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moco_zoo.transfer.config import resolve
+from moco_zoo.transfer.data import InfiniteSampler
 from moco_zoo.transfer.engine import TransferRun, lr_factor
-from moco_zoo.transfer.engine.data import InfiniteSampler
 
 SMALL_DET = dict(arch="resnet18", batch_size=2, max_test_images=2, log_period=1, checkpoint_period=3, num_vis=0,
                  detector="c4", box_batch_size_per_image=16, rpn_post_nms_top_n_test=30, box_detections_per_img=10,

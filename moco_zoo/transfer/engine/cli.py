@@ -11,7 +11,20 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch.distributed as dist
+
+from moco_zoo import device as devlib
+from moco_zoo.checkpoint import atomic_write_text, remove_stale_temporaries
+from moco_zoo.errors import EXPECTED_ERRORS
+from moco_zoo.errors import report as report_error
+from moco_zoo.logs import setup_logging
+from moco_zoo.runlock import RunLock
+
 from .. import config as cfglib
+from .. import report
+from ..detectron2_backend import run_detectron2
+from ..modeling import resolve_arch
+from .run import TransferRun
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +124,6 @@ def _runs(out: Path, specs: List[str], seeds: Optional[List[int]]):
 
 
 def write_comparison(task: str, out: Path, results: List[Dict[str, Any]]) -> Optional[Path]:
-    from moco_zoo import device as devlib
-    from moco_zoo.checkpoint import atomic_write_text
-
-    from . import report
-
     if not devlib.is_main_process() or not results:
         return None
     table = report.markdown_table(task, results)
@@ -132,10 +140,6 @@ def write_comparison(task: str, out: Path, results: List[Dict[str, Any]]) -> Opt
 
 
 def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
-    from moco_zoo import device as devlib
-    from moco_zoo.logs import setup_logging
-    from moco_zoo.runlock import RunLock
-
     cfg = resolve_config(task, args)
     out = Path(args.output_dir)
     setup_logging(str(out))
@@ -145,8 +149,6 @@ def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
     if args.eval_only and not args.resume:
         raise cfglib.ConfigError("--eval-only needs --resume (the checkpoint to test)")
     if not cfg.arch:
-        from ..modeling import resolve_arch
-
         # one architecture for every run of a comparison (random init gets the MoCo weights' architecture)
         cfg.arch = resolve_arch(args.weights, None, allow_pickle=bool(cfg.allow_pickle))
     lock = RunLock(out).acquire() if devlib.is_main_process_env() else None
@@ -158,11 +160,6 @@ def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[str, Any]]:
-    from moco_zoo import device as devlib
-    from moco_zoo.checkpoint import remove_stale_temporaries
-
-    from . import report
-
     results = []
     for spec, seed, run_dir in _runs(out, args.weights, args.seeds):
         if devlib.is_main_process_env():
@@ -171,13 +168,9 @@ def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[s
         if seed is not None:
             cfg.seed = seed
         if cfg.engine == "detectron2":
-            from ..detectron2_backend import run_detectron2
-
             result = run_detectron2(cfg, spec, args.data_root, str(run_dir), resume=args.resume is not None,
                                     eval_only=args.eval_only)
         else:
-            from .run import TransferRun
-
             result = TransferRun(cfg, spec, args.data_root, str(run_dir), resume=args.resume,
                                  eval_only=args.eval_only).run()
         results.append(result)
@@ -193,15 +186,12 @@ def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[s
 def main(task: str, argv: Optional[List[str]] = None) -> int:
     parser = build_parser(task)
     args = parser.parse_args(argv)
-    from moco_zoo.errors import EXPECTED_ERRORS, report
 
     try:
         run(task, args)
     except EXPECTED_ERRORS as e:
-        return report(task, e, args.debug)
+        return report_error(task, e, args.debug)
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

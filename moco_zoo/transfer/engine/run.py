@@ -16,16 +16,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from moco_zoo import device as devlib
 from moco_zoo.checkpoint import KIND_TRANSFER, CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 
 from .. import config as cfglib
+from .. import report
+from ..data import InfiniteSampler, SeededDataset, shard
+from ..modeling import convert_sync_batchnorm, resolve_arch
 from ..tasks import build_task, model_name
-from . import report
-from .data import InfiniteSampler, SeededDataset, shard
-from .trainer import (Checkpointer, LRScheduler, MetricsWriter, PeriodicEval, PreciseBN, Trainer, lr_factor,
-                      param_groups)
+from .trainer import Checkpointer, LRScheduler, MetricsWriter, PeriodicEval, PreciseBN, Trainer, lr_factor, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,10 @@ class TransferRun:
         if len(self.train_set) == 0:
             raise ValueError(f"{self.data_root}: the training set is empty")
         if not cfg.arch:
-            from ..modeling import resolve_arch
-
             cfg.arch = resolve_arch([self.weights], None, allow_pickle=bool(cfg.allow_pickle))
         torch.manual_seed(int(cfg.seed) + self.rank)
         model = self.task.build_model(self.weights, len(self.class_names), cfg.arch, self.device).to(self.device)
         if cfg.norm == "syncbn" and self.world > 1 and cfg.task != "voc_seg":
-            from ..modeling import convert_sync_batchnorm
-
             model = convert_sync_batchnorm(model, self.device)
         self.model = model
         self.amp_dtype = devlib.autocast_dtype(self.device, cfg.precision)
@@ -159,7 +156,6 @@ class TransferRun:
         evaluator = self.task.build_evaluator(self.test_set, self.class_names, self.device)
         evaluator.reset()
         self.samples = []
-        from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
         for images, targets in tqdm(loader, desc="test", unit="batch", dynamic_ncols=True, leave=False,

@@ -21,8 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 from moco_zoo import device as devlib
+from moco_zoo.checkpoint import atomic_write_text
+from moco_zoo.precise_bn import batchnorm_modules, recompute_bn_stats
 
 logger = logging.getLogger(__name__)
 
@@ -219,10 +223,7 @@ class MetricsWriter(HookBase):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_jsonl(t.iter)
             if self.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
                 self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=t.iter or None)
-        from tqdm.auto import tqdm
 
         self._bar = tqdm(total=t.max_iter, initial=t.iter, desc=self.desc, unit="it", dynamic_ncols=True,
                          disable=not devlib.is_main_process())
@@ -239,7 +240,6 @@ class MetricsWriter(HookBase):
                     keep.append(line)
             except ValueError:  # a line cut by a kill
                 continue
-        from moco_zoo.checkpoint import atomic_write_text
 
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
@@ -324,13 +324,10 @@ class PreciseBN(HookBase):
         self.num_iter, self.forward = int(num_iter), forward
 
     def after_train(self) -> None:
-        from moco_zoo.precise_bn import batchnorm_modules, recompute_bn_stats
-
         t = self.trainer
         if self.num_iter <= 0 or not batchnorm_modules(t.model):
             return
         data = t.batches(t.max_iter)  # batches after the training stream: the same on a resumed run
-        from tqdm.auto import tqdm
 
         batches = (next(data) for _ in tqdm(range(self.num_iter), desc="precise BN", unit="it",
                                            disable=not devlib.is_main_process()))

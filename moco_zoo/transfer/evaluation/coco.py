@@ -1,7 +1,6 @@
 """COCO box / mask AP through pycocotools ``COCOeval`` (never reimplemented here), DDP-aware.
 
 Usage::
-
     ev = CocoEvaluator(dataset.coco, iou_types=("bbox", "segm"), cat_ids=dataset.cat_ids)
     for images, targets in loader:
         outputs = model(images)                       # boxes xyxy in original image coordinates
@@ -24,9 +23,11 @@ from typing import Any, Dict, Hashable, Iterable, List, Mapping, Sequence
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from .base import DatasetEvaluator
-
 from .voc import _gather_objects, _np
 
 #: The 12 numbers COCOeval.summarize() prints, in its order.
@@ -50,7 +51,6 @@ def _category_map(coco_gt, cat_ids) -> Dict[int, int]:
 
 def encode_masks(masks: Any, threshold: float = 0.5) -> List[Dict[str, Any]]:
     """N x 1 x H x W probabilities or N x H x W bool/uint8 -> list of compressed RLE dicts (counts as str)."""
-    from pycocotools import mask as mask_utils
 
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().to("cpu")
@@ -149,8 +149,6 @@ class CocoEvaluator(DatasetEvaluator):
         return results, sorted(img_ids)
 
     def _load_results(self, results: List[Dict[str, Any]]):
-        from pycocotools.coco import COCO
-
         if results:
             with contextlib.redirect_stdout(io.StringIO()):
                 return self.coco_gt.loadRes(copy.deepcopy(results))
@@ -164,7 +162,6 @@ class CocoEvaluator(DatasetEvaluator):
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """``{iou_type: {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}}`` (x100) on every rank."""
-        from pycocotools.cocoeval import COCOeval
 
         results, img_ids = self._gathered()
         out: Dict[str, Dict[str, float]] = {}

@@ -9,7 +9,9 @@ train crops for every backbone ("precise BN"), so a random init normalises like 
 """
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -19,8 +21,10 @@ import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from moco_zoo.checkpoint import CheckpointError, atomic_write_text
 from moco_zoo.data.voc import VOCDetection
 from moco_zoo.pretrain.knn import extract_features, knn_accuracy, recalibrate_bn
+from moco_zoo.transfer.modeling.backbone import build_resnet
 
 
 def object_crops(dataset: VOCDetection, crop_size: int = 64) -> Iterator[Tuple[torch.Tensor, int]]:
@@ -91,11 +95,6 @@ def voc_object_sets(data_root: str, train_sets: Sequence[str], test_set: str) ->
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``transfer/voc_object_knn.py``: one row per ``--weights`` in ``--out/object_knn.{json,md}``."""
-    import argparse
-    import json
-
-    from moco_zoo.checkpoint import CheckpointError, atomic_write_text
-    from moco_zoo.transfer.modeling.backbone import build_resnet
 
     p = argparse.ArgumentParser(prog="voc_object_knn.py", description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True, help="VOCdevkit directory (containing VOC2007/, VOC2012/)")

@@ -38,6 +38,7 @@ from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .base import DatasetEvaluator
 
@@ -232,7 +233,6 @@ def evaluate_voc(detections: Mapping[Hashable, Mapping[str, Any]],
 
 def _gather_objects(obj: Any) -> List[Any]:
     """``[obj from rank 0, obj from rank 1, ...]`` when torch.distributed is initialised, else ``[obj]``."""
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]

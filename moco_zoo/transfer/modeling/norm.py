@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 from torchvision.ops import FrozenBatchNorm2d
 
 from moco_zoo.precise_bn import batchnorm_modules  # noqa: F401  (re-exported by moco_zoo.transfer.modeling)
@@ -38,7 +39,6 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
         count = torch.full((1,), float(x.numel() // max(c, 1)), dtype=x.dtype, device=x.device)

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..evaluation.base import DatasetEvaluator
 
@@ -84,8 +85,6 @@ class SegmentationMeter(DatasetEvaluator):
             self.update(pred, mask)
 
     def reduced_confusion(self, device: Optional[torch.device] = None) -> torch.Tensor:
-        import torch.distributed as dist
-
         conf = self.confusion.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             t = conf.to(device or "cpu")

@@ -15,11 +15,16 @@ from typing import Dict, Optional, Tuple
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from moco_zoo.transfer.modeling.norm import convert_sync_batchnorm
 
 from ..modeling.backbone import load_trunk, trunk_weights
+
 
 def _out_channels(resnet: nn.Module) -> int:
     block = resnet.layer4[-1]
@@ -109,16 +114,10 @@ def convert_norm(model: nn.Module, norm: str, device: Optional[torch.device] = N
     if norm == "bn":
         return model
     if norm == "syncbn":
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from moco_zoo.transfer.modeling.norm import convert_sync_batchnorm
-
             return convert_sync_batchnorm(model, device or torch.device("cpu"))
         return model
     if norm == "frozen":
-        from torchvision.ops.misc import FrozenBatchNorm2d
-
         def freeze(module: nn.Module) -> nn.Module:
             for name, child in module.named_children():
                 if isinstance(child, nn.BatchNorm2d):

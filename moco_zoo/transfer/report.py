@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from moco_zoo.checkpoint import atomic_write_bytes, atomic_write_text
+from moco_zoo.data.voc import voc_palette
+from moco_zoo.plots import new_figure, save_png
 
 # The columns shown per task: (label, path into the metrics dict).
 COLUMNS = {
@@ -49,28 +55,12 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
 
 
-def _save_figure(fig, path: Path) -> Path:
-    """The figure as a PNG written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_losses(history: List[Dict[str, float]], path: Path, title: str = "") -> Optional[Path]:
     """Total and per-term training losses against the iteration (log scale), lr on a second axis."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     its = [h["iter"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig, ax = new_figure()
     keys = [k for k in history[0] if k.startswith("loss")]
     for k in keys:
         ax.plot(its, [h.get(k, float("nan")) for h in history], label=k, lw=2.0 if k == "loss" else 1.0)
@@ -84,14 +74,13 @@ def plot_losses(history: List[Dict[str, float]], path: Path, title: str = "") ->
         ax2.plot(its, [h["lr"] for h in history], color="grey", ls="--", lw=0.8)
         ax2.set_ylabel("lr", color="grey")
     ax.set_title(title, fontsize=9)
-    return _save_figure(fig, path)
+    return save_png(fig, path)
 
 
 def draw_prediction(image: torch.Tensor, output: Dict[str, torch.Tensor], class_names: Sequence[str],
                     score_thresh: float = 0.5, max_boxes: int = 20, min_boxes: int = 3) -> torch.Tensor:
     """uint8 CHW image with the predicted boxes (class and score) and masks above ``score_thresh`` drawn; the
     ``min_boxes`` best detections are drawn even below the threshold (early in training scores are low)."""
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     img = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
     scores = output["scores"].cpu()
@@ -114,8 +103,6 @@ def draw_prediction(image: torch.Tensor, output: Dict[str, torch.Tensor], class_
 
 
 def save_image(chw_uint8: torch.Tensor, path: Path) -> Path:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(chw_uint8.permute(1, 2, 0).contiguous().numpy()).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
@@ -123,10 +110,6 @@ def save_image(chw_uint8: torch.Tensor, path: Path) -> Path:
 
 def save_segmentation_sample(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, path: Path) -> Path:
     """One PNG: the image, the ground truth and the prediction side by side (VOC palette; 255 = ignore)."""
-    import numpy as np
-    from PIL import Image
-
-    from moco_zoo.data.voc import voc_palette
 
     palette = voc_palette()
     img = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -142,13 +125,8 @@ def plot_eval_history(eval_history: List[Dict[str, Any]], task: str, path: Path,
     """The task's table metrics against the iteration, from the periodic evaluations."""
     if not eval_history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     its = [e["iter"] for e in eval_history]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig, ax = new_figure()
     for label, key in COLUMNS[task]:
         values = [_get(e["metrics"], key) for e in eval_history]
         if any(v is not None for v in values):
@@ -157,7 +135,7 @@ def plot_eval_history(eval_history: List[Dict[str, Any]], task: str, path: Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    return _save_figure(fig, path)
+    return save_png(fig, path)
 
 
 def _by_weights(results: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
@@ -169,7 +147,6 @@ def _by_weights(results: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, A
 
 def seed_summary(task: str, results: Sequence[Dict[str, Any]]) -> Optional[str]:
     """Markdown table of mean +- std (sample std over seeds) per weights; None unless some weights ran >1 seed."""
-    import statistics
 
     groups = _by_weights(results)
     if not any(len(g) > 1 for g in groups.values()):
@@ -189,7 +166,6 @@ def seed_summary(task: str, results: Sequence[Dict[str, Any]]) -> Optional[str]:
 def plot_seed_curves(task: str, results: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
     """The task's first metric against the iteration (periodic evaluations + the final one), one line per weights
     with a mean +- std band over seeds."""
-    import numpy as np
 
     label, key = COLUMNS[task][0]
     curves = {}
@@ -204,12 +180,7 @@ def plot_seed_curves(task: str, results: Sequence[Dict[str, Any]], path: Path) -
         curves[weights] = (its, values)
     if not curves or all(len(its) < 2 for its, _ in curves.values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig, ax = new_figure()
     for weights, (its, values) in curves.items():
         mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0, ddof=1 if len(values) > 1 else 0)
         name = weights if len(weights) < 40 else "..." + weights[-37:]
@@ -220,7 +191,7 @@ def plot_seed_curves(task: str, results: Sequence[Dict[str, Any]], path: Path) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{task}: {label} (mean +- std over seeds)", fontsize=9)
-    return _save_figure(fig, path)
+    return save_png(fig, path)
 
 
 def write_run(out: Path, result: Dict[str, Any], metrics: Dict[str, Any], history: List[Dict[str, float]],
