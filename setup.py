@@ -34,7 +34,8 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=7.0", "pytest-timeout>=2.1"],
+        # transformers: the test that a published folder loads through TimmWrapperModel
+        "test": ["pytest>=7.0", "pytest-timeout>=2.1", "transformers>=4.47"],
     },
     entry_points={"console_scripts": ["moco-zoo=moco_zoo.cli:main"]},
 )

@@ -185,7 +185,11 @@ def save_hub_weights(model: torch.nn.Module, entry: ZooEntry, out: Path,
     model_config: Dict[str, Any] = {"label_names": list(label_names)} if label_names else {}
     timm.models.save_for_hf(model, str(out), model_config=model_config, model_args=dict(entry.model_args),
                             safe_serialization=True)
-    return json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    # num_classes lives at the root; a second copy in model_args breaks loaders that pass both (transformers'
+    # TimmWrapperModel builds with num_classes=0 plus **model_args)
+    config.get("model_args", {}).pop("num_classes", None)
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------- model card

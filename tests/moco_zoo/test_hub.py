@@ -420,3 +420,18 @@ def _end_to_end(tmp_path, capsys, server, endpoint, plain, repo, cache):
     offline = plain.load(f"hf-hub:{repo}", offline=True)
     torch.testing.assert_close(offline["features"], ref_feats)
     assert len(server.request_log) == n_requests
+
+
+def test_published_folder_loads_in_transformers_timm_wrapper(tmp_path):
+    """transformers' TimmWrapperModel reads the folder written by timm's save_for_hf (offline, from the local path)
+    and computes the same pooled features as timm itself."""
+    transformers = pytest.importorskip("transformers", reason="pip install transformers (test extra)")
+    ckpt = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    _official_v2("resnet18", ckpt)
+    folder = publish.prepare_hub_folder(ckpt, _small_config(tmp_path), "org/moco-r18", tmp_path / "out")
+    wrapped = transformers.TimmWrapperModel.from_pretrained(str(folder.path)).eval()
+    plain = timm.create_model(f"local-dir:{folder.path}", pretrained=True).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(pixel_values=x).pooler_output, plain(x))
