@@ -119,11 +119,11 @@ class MocoConfig:
         if self.lr_schedule not in ("step", "cosine"):
             raise ValueError(f"--lr-schedule must be step or cosine, got {self.lr_schedule!r}")
         if self.momentum_schedule not in ("fixed", "cosine"):
-            raise ValueError(f"--momentum-schedule must be fixed or cosine, got {self.momentum_schedule!r}")
+            raise ValueError(f"momentum_schedule must be fixed or cosine, got {self.momentum_schedule!r}")
         if self.dict_init not in ("prefill", "random"):
-            raise ValueError(f"--dict-init must be prefill or random, got {self.dict_init!r}")
+            raise ValueError(f"dict_init must be prefill or random, got {self.dict_init!r}")
         if self.lr_scaling not in ("linear", "none"):
-            raise ValueError(f"--lr-scaling must be linear or none, got {self.lr_scaling!r}")
+            raise ValueError(f"lr_scaling must be linear or none, got {self.lr_scaling!r}")
         if self.moco_k < 1:
             raise ValueError(f"--moco-k must be >= 1, got {self.moco_k}")
         if not 0.0 <= self.momentum <= 1.0:
@@ -137,7 +137,8 @@ class MocoConfig:
         return self
 
 
-# flag name -> (config field, type/kind, help). kind "bool" gives --x / --no-x.
+# The original main_moco.py's flags plus what the paper's mechanisms need: flag -> (config key, type/kind, help).
+# kind "bool" gives --x / --no-x. Every other key is set with --set KEY=VALUE (listed in --help).
 _FLAGS: Sequence[tuple] = (
     ("--arch", "arch", str, "backbone: timm name (resnet18/34/50/101, wide_resnet50_2, ...) or tv:NAME (torchvision)"),
     ("--moco-version", "moco_version", str, "v1 or v2; without --preset, selects the paper-v1 / paper-v2 preset"),
@@ -145,49 +146,58 @@ _FLAGS: Sequence[tuple] = (
     ("--moco-dim", "dim", int, "feature dimension (128)"),
     ("--moco-k", "moco_k", int, "queue size K (moco) / sampled negatives (memory_bank)"),
     ("--moco-m", "momentum", float, "key-encoder momentum m (0.999)"),
-    ("--momentum-schedule", "momentum_schedule", str, "fixed | cosine (m increases to 1 over training)"),
     ("--moco-t", "temperature", float, "softmax temperature T (v1 0.07, v2 0.2)"),
     ("--mlp", "mlp", "bool", "MLP projection head (v2) instead of a linear one (v1)"),
-    ("--bank-momentum", "bank_momentum", float, "memory_bank: momentum of the stored features (0.5)"),
-    ("--dict-init", "dict_init", str, "random (the original code's random unit vectors) | prefill (real keys fill "
-     "the queue / memory bank before step 0)"),
     ("--shuffle-bn", "shuffle_bn", str, "auto | ddp | split | off (auto: ddp under torchrun, off in one process; "
      "split: the single-device emulation of G devices)"),
-    ("--shuffle-groups", "shuffle_groups", int, "split mode: number of BN groups G (8)"),
     ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),
     ("--image-size", "image_size", int, "crop size (224)"),
     ("-j", "workers", int, "DataLoader worker processes per rank"),
-    ("--verify-images", "verify_images", "bool", "decode every training image first and list all bad files"),
-    ("--skip-bad-images", "skip_bad_images", "bool", "train without images that do not decode (warns, counts them)"),
-    ("--synthetic-images", "synthetic_images", int, "--data synthetic: number of images"),
-    ("--synthetic-size", "synthetic_size", int, "--data synthetic: image size in pixels"),
     ("--epochs", "epochs", int, "number of epochs"),
     ("-b", "batch_size", int, "GLOBAL batch size over all ranks (per rank: batch / world size)"),
-    ("--lr", "lr", float, "learning rate (0.03; for a batch of 256 with --lr-scaling linear)"),
-    ("--lr-scaling", "lr_scaling", str, "none (lr as given, default) | linear (lr x batch/256)"),
+    ("--lr", "lr", float, "learning rate (0.03; for a batch of 256 with lr_scaling=linear)"),
     ("--lr-schedule", "lr_schedule", str, "step | cosine"),
-    ("--lr-steps", "lr_steps", "ints", "step schedule milestones in epochs of a 200-epoch run (scaled to --epochs)"),
-    ("--warmup-epochs", "warmup_epochs", float, "linear warmup length in epochs (0)"),
     ("--wd", "weight_decay", float, "weight decay (1e-4)"),
     ("--sgd-momentum", "sgd_momentum", float, "SGD momentum (0.9)"),
-    ("--max-steps", "max_steps", int, "stop after this many optimizer steps (0: all epochs)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--precision", "precision", str, "fp32 | bf16 | fp16 | auto (autocast)"),
-    ("--channels-last", "channels_last", "bool", "channels_last memory format (pays with bf16 on CPU/GPU)"),
-    ("--compile", "compile", "bool", "torch.compile the encoders"),
     ("--seed", "seed", int, "random seed"),
     ("--output-dir", "output_dir", str, "checkpoints, metrics.jsonl and plots go here"),
-    ("--save-every-steps", "save_every_steps", int, "also checkpoint every N steps (0: epoch ends only)"),
-    ("--keep-checkpoints", "keep_checkpoints", int, "number of newest step checkpoints to keep"),
     ("--resume", "resume", str, "'auto' (newest valid checkpoint in --output-dir) or a checkpoint path"),
-    ("--log-every-steps", "log_every_steps", int, "JSONL metrics every N steps"),
-    ("--progress", "progress", "bool", "tqdm progress bar"),
-    ("--plots", "plots", "bool", "PNG plots of loss and kNN accuracy"),
-    ("--knn-every", "knn_every", int, "kNN monitor every N epochs (0: off)"),
-    ("--knn-k", "knn_k", int, "kNN neighbours (200)"),
-    ("--knn-t", "knn_t", float, "kNN temperature (0.1)"),
-    ("--knn-data", "knn_data", str, "labelled ImageFolder root with train/ and val/ for the kNN monitor"),
-    ("--knn-max-train", "knn_max_train", int, "cap on kNN memory images (0: all)"),
+)
+
+# config keys without a flag (set them with --set KEY=VALUE, a --config-file or a preset): (key, kind, help)
+_KEYS_WITHOUT_FLAG: Sequence[tuple] = (
+    ("momentum_schedule", str, "fixed | cosine (m increases to 1 over training)"),
+    ("bank_momentum", float, "memory_bank: momentum of the stored features (0.5)"),
+    ("dict_init", str, "random (the original code's random unit vectors) | prefill (real keys fill "
+     "the queue / memory bank before step 0)"),
+    ("shuffle_groups", int, "split mode: number of BN groups G (8)"),
+    ("augment_backend", str, "pil (the whole recipe per image in the loader workers) | batched (colour ops on the "
+     "whole batch on the training device)"),
+    ("pin_memory", "bool", "pinned host memory for the loader (CUDA)"),
+    ("persistent_workers", "bool", "keep loader workers between epochs (with -j > 0)"),
+    ("keep_host_memory", "bool", "glibc: reuse freed host memory instead of returning it (moco_zoo.device)"),
+    ("verify_images", "bool", "decode every training image first and list all bad files"),
+    ("skip_bad_images", "bool", "train without images that do not decode (warns, counts them)"),
+    ("synthetic_images", int, "DATA synthetic: number of images"),
+    ("synthetic_size", int, "DATA synthetic: image size in pixels"),
+    ("lr_scaling", str, "none (lr as given, default) | linear (lr x batch/256)"),
+    ("lr_steps", "ints", "step schedule milestones in epochs of a 200-epoch run (scaled to --epochs), e.g. [120,160]"),
+    ("warmup_epochs", float, "linear warmup length in epochs (0)"),
+    ("max_steps", int, "stop after this many optimizer steps (0: all epochs)"),
+    ("channels_last", "bool", "channels_last memory format (pays with bf16 on CPU/GPU)"),
+    ("compile", "bool", "torch.compile the encoders"),
+    ("save_every_steps", int, "also checkpoint every N steps (0: epoch ends only)"),
+    ("keep_checkpoints", int, "number of newest step checkpoints to keep"),
+    ("log_every_steps", int, "JSONL metrics every N steps"),
+    ("progress", "bool", "tqdm progress bar"),
+    ("plots", "bool", "PNG plots of loss and kNN accuracy"),
+    ("knn_every", int, "kNN monitor every N epochs (0: off)"),
+    ("knn_k", int, "kNN neighbours (200)"),
+    ("knn_t", float, "kNN temperature (0.1)"),
+    ("knn_data", str, "labelled ImageFolder root with train/ and val/ for the kNN monitor"),
+    ("knn_max_train", int, "cap on kNN memory images (0: all)"),
 )
 
 
@@ -195,11 +205,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     """Parser whose defaults are all ``None`` so that presets apply unless a flag is given."""
     p = parser or argparse.ArgumentParser(
         description="MoCo v1/v2 pretraining (arXiv:1911.05722, arXiv:2003.04297)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys without a flag (--set KEY=VALUE):\n" + "\n".join(
+            f"  {key:<18} {help_}" for key, _, help_ in _KEYS_WITHOUT_FLAG),
     )
     p.add_argument("data", nargs="?", default=None, help="ImageFolder root (DATA/train/<class>/* or DATA/<class>/*), "
                    "or 'synthetic' to generate the embedded data set")
-    p.add_argument("--data", dest="data_opt", default=None, help="same as the positional DATA")
     p.add_argument("--preset", default=None, help=f"config preset: {', '.join(preset_names())} (default: "
                    "paper-v2, or the paper preset of --moco-version)")
     p.add_argument("--config-file", default=None, help="YAML file of config keys applied after the preset")
@@ -245,7 +256,7 @@ def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, fla
 def config_from_args(args: argparse.Namespace) -> MocoConfig:
     """Preset < config file < explicit flags < ``--set``."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "debug"}
-    data = given.pop("data_opt", None) or given.pop("data", None)
+    data = given.pop("data", None)
     given.pop("data", None)
     preset, config_file = given.pop("preset", None), given.pop("config_file", None)
     overrides = parse_overrides(given.pop("overrides", []))

@@ -50,6 +50,7 @@ from moco_zoo.device import (
     rank,
     world_size,
 )
+from moco_zoo.logs import TensorBoardScalars
 from moco_zoo.plots import new_figure, save_png
 from moco_zoo.runlock import RunLock
 
@@ -95,7 +96,7 @@ def momentum_at(step: int, total_steps: int, cfg: MocoConfig) -> float:
 
 
 def scaled_lr(cfg: MocoConfig) -> float:
-    """lr actually used: base lr x global batch / 256 (linear scaling rule) unless --lr-scaling none."""
+    """lr actually used: base lr x global batch / 256 (linear scaling rule) unless lr_scaling=none."""
     return cfg.lr * cfg.batch_size / 256.0 if cfg.lr_scaling == "linear" else cfg.lr
 
 
@@ -205,14 +206,20 @@ def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
 
 # ---------------------------------------------------------------------------------------------------- logging
 class MetricsLog:
-    """Append-only JSONL metrics (rank 0); on resume, records after the resumed step are dropped."""
+    """Append-only JSONL metrics + TensorBoard events in ``tb/`` (rank 0); on resume, records after the resumed step
+    are dropped from both."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         self.records: List[Dict[str, Any]] = []
+        self.tensorboard: Optional[TensorBoardScalars] = None
 
     def load(self, upto_step: int) -> None:
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return
+        if self.tensorboard is None:
+            self.tensorboard = TensorBoardScalars(self.path.parent / "tb", purge_step=upto_step + 1 if upto_step else None)
+        if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -232,6 +239,14 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
+        if self.tensorboard is not None:
+            scalars = {k: v for k, v in rec.items() if k not in ("epoch", "step", "global_step", "time", "type")}
+            self.tensorboard.write("train" if rec.get("type") == "step" else "eval", scalars, rec["global_step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def write_plots(records: List[Dict[str, Any]], out_dir: Path) -> List[Path]:
@@ -356,8 +371,8 @@ class Trainer:
         root = Path(cfg.knn_data) if cfg.knn_data else self.data_root
         if not ((root / "train").is_dir() and (root / "val").is_dir()):
             if cfg.knn_data:
-                raise FileNotFoundError(f"--knn-data {root}: expected train/ and val/ sub-directories")
-            warnings.warn(f"kNN monitor disabled: {root} has no train/ and val/ sub-directories (use --knn-data)")
+                raise FileNotFoundError(f"knn_data {root}: expected train/ and val/ sub-directories")
+            warnings.warn(f"kNN monitor disabled: {root} has no train/ and val/ sub-directories (set knn_data=ROOT)")
             return None
 
         return KNNMonitor(root, cfg.image_size, self.device, k=cfg.knn_k, t=cfg.knn_t,
@@ -495,7 +510,7 @@ class Trainer:
     PREFILL_EPOCH = -1  # sampler "epoch" of the prefill pass: its own sample order and augmentation seeds
 
     def prefill_dictionary(self) -> int:
-        """Before step 0 (``--dict-init prefill``): fill the queue with K real keys (moco: ceil(K / global batch)
+        """Before step 0 (``dict_init=prefill``): fill the queue with K real keys (moco: ceil(K / global batch)
         batches, more than one pass over a data set smaller than K) or write every visited sample's feature into the
         memory bank (one pass), in train mode with shuffled BN as in a step. No optimizer step; deterministic, so a
         run killed during the prefill restarts it identically. See :meth:`MoCo.prefill_dictionary` for why."""
@@ -595,6 +610,7 @@ class Trainer:
                 self.save_checkpoint()
                 if self.main and cfg.plots:
                     write_plots(self.log.records, self.out_dir)
+        self.log.close()
         final = list_checkpoints(checkpoint_dir(cfg))
         return {"global_step": self.global_step, "epoch": self.epoch, "knn": last_knn,
                 "checkpoint": str(final[0][1]) if final else None, "resumed_from": str(self.resumed_from or "")}

@@ -85,7 +85,7 @@ class KNNMonitor:
         root = Path(root)
         if not (root / "train").is_dir() or not (root / "val").is_dir():
             raise FileNotFoundError(f"{root}: the kNN monitor needs a labelled ImageFolder with train/ and val/ "
-                                    f"sub-directories (pass --knn-data, or --knn-every 0 to disable it)")
+                                    f"sub-directories (set knn_data=ROOT, or knn_every=0 to disable it)")
         tf = eval_transform(image_size)
         self.train_set = ImageFolderDataset(root / "train", tf)
         self.val_set = ImageFolderDataset(root / "val", tf)

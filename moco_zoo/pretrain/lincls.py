@@ -30,6 +30,7 @@ from tqdm import tqdm
 from moco_zoo import load_backbone_state_dict
 from moco_zoo.checkpoint import KIND_LINEAR_PROBE, atomic_torch_save, atomic_write_bytes, require_kind, safe_torch_load
 from moco_zoo.device import autocast, autocast_dtype, default_device
+from moco_zoo.logs import TensorBoardScalars
 
 from .augment import eval_transform, linear_train_transform
 from .data import ImageFolderDataset, ResumableBatchSampler, make_loader, resolve_data_root
@@ -227,6 +228,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
 
     crit = nn.CrossEntropyLoss()
     metrics: Dict[str, Any] = {}
+    tensorboard = TensorBoardScalars(out / "tb", purge_step=start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         model.eval()  # frozen BN statistics: the backbone runs in eval mode throughout
         sampler.set_epoch(epoch)
@@ -263,6 +265,8 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
         }, ckpt_path)
         logger.info("lincls epoch %d: train loss %.3f, val top-1 %.2f, top-5 %.2f", epoch, history[-1]["train_loss"],
                     val["top1"], val["top5"])
+        tensorboard.write("lincls", {**history[-1], "lr": optimizer.param_groups[0]["lr"]}, epoch + 1)
+    tensorboard.close()
 
     # Sanity check (as the protocol requires): the frozen backbone must be exactly the loaded one.
     now = _backbone_state(model)

@@ -35,7 +35,7 @@ def run_script(script: str, args: List[str], env: Optional[Dict[str, str]] = Non
 
 def tiny_args(data: Path, out: Path, *extra: str) -> List[str]:
     return [str(data), "--arch", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "40", "--epochs", "2",
-            "-j", "0", "--output-dir", str(out), "--no-progress", "--no-plots", "--knn-every", "0", *extra]
+            "-j", "0", "--output-dir", str(out), "--set", "progress=false", "plots=false", "knn_every=0", *extra]
 
 
 @pytest.fixture(autouse=True)

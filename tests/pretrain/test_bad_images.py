@@ -34,11 +34,11 @@ def test_a_bad_image_is_one_line_naming_the_file(corrupt_data, tmp_path, workers
 
 def test_the_prescan_lists_every_bad_file_and_skipping_counts_them(corrupt_data, tmp_path):
     root, bad = corrupt_data
-    proc = run_script("main_moco.py", tiny_args(root, tmp_path / "a", "--verify-images", "--max-steps", "1"),
+    proc = run_script("main_moco.py", tiny_args(root, tmp_path / "a", "--set", "verify_images=true", "max_steps=1"),
                       check=False)
     assert proc.returncode == 2 and "3 of 48 images do not decode" in proc.stderr
     assert all(b in proc.stderr for b in bad)
-    proc = run_script("main_moco.py", tiny_args(root, tmp_path / "b", "--skip-bad-images", "--max-steps", "1"))
+    proc = run_script("main_moco.py", tiny_args(root, tmp_path / "b", "--set", "skip_bad_images=true", "max_steps=1"))
     assert "skipping 3 of 48 training images that do not decode" in proc.stderr
 
 

@@ -48,8 +48,8 @@ def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefol
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DUMP_DIR=str(dump),
                MAIN_MOCO=str(REPO / "pretrain" / "main_moco.py"))
     # global batch 8 = 2 ranks x 4; K=20 is not a multiple of 8: the queue wraps around.
-    args = tiny_args(tiny_imagefolder, out, "--moco-k", "20", "--max-steps", "3", "--mechanism", mechanism,
-                     "--shuffle-bn", "ddp" if mechanism == "moco" else "auto")
+    args = tiny_args(tiny_imagefolder, out, "--moco-k", "20", "--mechanism", mechanism,
+                     "--shuffle-bn", "ddp" if mechanism == "moco" else "auto", "--set", "max_steps=3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
