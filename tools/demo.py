@@ -89,15 +89,13 @@ PROFILES: Dict[str, Profile] = {
 # ----------------------------------------------------------------------------------------------------- running
 
 
-def _fast_cpu_flags(lincls: bool = False) -> List[str]:
+def _fast_cpu_flags() -> List[str]:
     """Autocast where it pays (``--precision auto``: bf16 on CPUs with native bf16, ~1.8x the fp32 step there, see
     bench/RESULTS.md; bf16/fp16 on CUDA; fp32 elsewhere) and channels_last whenever autocast is on. The same rule
     as ``tools/compare_mechanisms.py``."""
     from moco_zoo.device import autocast_dtype, default_device
 
     amp = autocast_dtype(default_device(), "auto")
-    if lincls:
-        return ["--precision", "auto", *(["--channels-last"] if amp is not None else [])]
     return ["--precision", "auto", "--set", f"channels_last={str(amp is not None).lower()}"]
 
 
@@ -277,7 +275,7 @@ class Demo:
                 "pretrain/main_lincls.py", str(self.imagefolder), "--pretrained", spec, "--arch", p.arch,
                 "--image-size", str(p.image_size), "--epochs", str(p.lincls_epochs), "--batch-size", "64",
                 "--lr", str(p.lincls_lr), "--workers", "2", "--output-dir", str(out), "--resume", "auto", "--seed", "0",
-                *_fast_cpu_flags(lincls=True)))
+                *_fast_cpu_flags()))
             results[name] = json.loads((out / "metrics.json").read_text())
         return {"summary": f"linear top-1 MoCo {results['moco']['top1']:.1f} vs random {results['random']['top1']:.1f}",
                 "moco": _pick(results["moco"], "top1", "knn_top1", "knn_top1_data_bn"),

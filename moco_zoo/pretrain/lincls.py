@@ -20,15 +20,17 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moco_zoo import load_backbone_state_dict
 from moco_zoo.checkpoint import KIND_LINEAR_PROBE, atomic_torch_save, atomic_write_bytes, require_kind, safe_torch_load
+from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
 from moco_zoo.device import autocast, autocast_dtype, default_device
 from moco_zoo.logs import TensorBoardScalars
 
@@ -70,46 +72,63 @@ class LinclsConfig:
         return dataclasses.asdict(self)
 
 
+# The original main_lincls.py's flags (+ image size, precision, device, output dir): flag -> (key, type, help).
+_FLAGS = (
+    ("--pretrained", "pretrained", str, "backbone: pretraining checkpoint, converted weights, zoo name, hf-hub:ORG/REPO, "
+     "torchvision-supervised or random"),
+    ("-a", "arch", str, "timm architecture (required for --pretrained random)"),
+    ("-j", "workers", int, "DataLoader workers"),
+    ("--epochs", "epochs", int, "epochs (100)"),
+    ("-b", "batch_size", int, "batch size (256)"),
+    ("--lr", "lr", float, "learning rate (30)"),
+    ("--momentum", "momentum", float, "SGD momentum (0.9)"),
+    ("--wd", "weight_decay", float, "weight decay (0)"),
+    ("--image-size", "image_size", int, "crop size (224)"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--precision", "precision", str, "fp32 | bf16 | fp16 | auto (autocast)"),
+    ("--seed", "seed", int, "random seed"),
+    ("--output-dir", "output_dir", str, "checkpoint.pth and metrics.json go here"),
+    ("--resume", "resume", str, "'auto' (checkpoint.pth in --output-dir) or a path"),
+)
+_LONG_NAMES = {"-a": "--arch", "-j": "--workers", "-b": "--batch-size"}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    keys = ", ".join(f.name for f in dataclasses.fields(LinclsConfig)
+                     if f.name not in {k for _, k, _, _ in _FLAGS} | {"data"})
     p = argparse.ArgumentParser(description="Linear classification on frozen MoCo features",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = LinclsConfig()
+                                epilog=f"config keys without a flag (--set KEY=VALUE): {keys}")
     p.add_argument("data", nargs="?", default=None, help="ImageFolder root with train/ and val/, or 'synthetic'")
-    p.add_argument("--data", dest="data_opt", default=None, help="same as DATA")
-    p.add_argument("--pretrained", required=True, help="backbone: pretraining checkpoint, converted weights, zoo "
-                   "name, hf-hub:ORG/REPO, torchvision-supervised or random")
-    p.add_argument("-a", "--arch", default=d.arch, help="timm architecture (required for --pretrained random)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-steps", type=int, nargs="+", default=d.lr_steps, help="milestones of a 100-epoch run")
-    p.add_argument("--wd", dest="weight_decay", type=float, default=d.weight_decay)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("-j", "--workers", type=int, default=d.workers)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--precision", default=d.precision)
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--resume", default=d.resume, help="'auto' (checkpoint.pth in --output-dir) or a path")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
-    p.add_argument("--synthetic-images", type=int, default=d.synthetic_images)
-    p.add_argument("--synthetic-size", type=int, default=d.synthetic_size)
-    p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=d.knn,
-                   help="also report kNN top-1 (k=200, t=0.1) of the frozen backbone features")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--config-file", default=None, help="YAML file of config keys applied before the flags")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys (values parsed as YAML), e.g. --set lr_steps=[60,80] knn=false")
+    p.add_argument("--debug", action="store_true", default=None, help="show the traceback of an error")
+    for flag, key, kind, help_ in _FLAGS:
+        extra = [_LONG_NAMES[flag]] if flag in _LONG_NAMES else []
+        p.add_argument(flag, *extra, dest=key, type=kind, default=None, help=help_)
     return p
 
 
+def resolve(config_file: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
+            overrides: Optional[Dict[str, Any]] = None) -> LinclsConfig:
+    """Protocol defaults < config file < flags < ``--set``; unknown keys and bad values name their source."""
+    cfg = OmegaConf.structured(LinclsConfig)
+    merge_layers(cfg, [(load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
+                       (flags or {}, "command line"), (overrides or {}, "override")])
+    return LinclsConfig(**OmegaConf.to_container(cfg))
+
+
 def config_from_args(args: argparse.Namespace) -> LinclsConfig:
-    values = vars(args).copy()
-    values.pop("debug", None)
-    data = values.pop("data_opt", None) or values.pop("data", None)
-    values.pop("data", None)
-    if not data:
-        raise ValueError("DATA (or --data) is required")
-    return LinclsConfig(data=data, **values)
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "debug"}
+    config_file = given.pop("config_file", None)
+    overrides = parse_overrides(given.pop("overrides", []))
+    cfg = resolve(config_file, given, overrides)
+    if not cfg.data:
+        raise ConfigError("DATA is required (an ImageFolder root, or 'synthetic')")
+    if not cfg.pretrained:
+        raise ConfigError("--pretrained is required (a checkpoint, zoo name, hf-hub:ORG/REPO, torchvision-supervised "
+                          "or random)")
+    return cfg
 
 
 def scaled_milestones(cfg: LinclsConfig) -> List[int]:

@@ -216,9 +216,7 @@ def test_paper_presets_are_the_papers_and_small_data_aids_are_named(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_imagefolder, capsys):
-    import runpy
-
-    main = runpy.run_path(str(REPO / "pretrain" / "main_moco.py"))["main"]
+    from moco_zoo.pretrain.cli import main_moco as main
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -72,3 +72,22 @@ def test_linear_probe_rejects_a_pretraining_checkpoint_as_resume(tiny_imagefolde
                        resume=str(tmp_path / "pre.pth"))
     with pytest.raises(CheckpointError, match="expected a checkpoint of kind 'linear-probe'"):
         run_linear_probe(cfg)
+
+
+def test_linear_probe_config_layers_and_errors(tmp_path):
+    """Protocol defaults < --config-file < flags < --set; an unknown key names its source."""
+    from moco_zoo.config import ConfigError
+    from moco_zoo.pretrain.lincls import build_parser, config_from_args
+
+    cfg_file = tmp_path / "probe.yaml"
+    cfg_file.write_text("lr: 1.0\nepochs: 8\nknn: false\n")
+    p = build_parser()
+    default = config_from_args(p.parse_args(["DATA", "--pretrained", "random", "-a", "resnet18"]))
+    assert (default.lr, default.epochs, default.lr_steps, default.weight_decay) == (30.0, 100, [60, 80], 0.0)
+    cfg = config_from_args(p.parse_args(["DATA", "--pretrained", "random", "--config-file", str(cfg_file),
+                                         "--epochs", "4", "--set", "lr_steps=[2,3]", "channels_last=true"]))
+    assert (cfg.lr, cfg.epochs, cfg.knn, cfg.lr_steps, cfg.channels_last) == (1.0, 4, False, [2, 3], True)
+    with pytest.raises(ConfigError, match="override: unknown config key 'lr_step'"):
+        config_from_args(p.parse_args(["DATA", "--pretrained", "random", "--set", "lr_step=[2]"]))
+    with pytest.raises(ConfigError, match="--pretrained is required"):
+        config_from_args(p.parse_args(["DATA"]))
