@@ -1,10 +1,14 @@
-"""Linear classification protocol (arXiv:1911.05722 Sec. 4.1; the official main_lincls recipe).
+"""Linear classification protocol (arXiv:1911.05722 Sec. 4.1; the official main_lincls recipes).
 
-A linear classifier on frozen features: the backbone is frozen with BN in eval mode, ``fc`` is initialised
-N(0, 0.01) with bias 0 and trained with SGD (lr 30, momentum 0.9, weight decay 0, batch 256) for 100 epochs with lr
-x0.1 at epochs 60 and 80 (scaled to ``--epochs``); evaluation uses a center crop (resize to size x 256/224, crop
-size). At the end a sanity check verifies that no backbone tensor changed. The lr is not scaled with the batch
-size (the protocol's 30 is used as given; pass ``--lr`` to change it).
+A linear classifier on frozen features: the backbone is frozen with BN in eval mode, the classifier (``fc`` of a
+ResNet, ``head`` on the class token of a ViT) is initialised N(0, 0.01) with bias 0 and trained with momentum SGD;
+evaluation uses a center crop (resize to size x 256/224, crop size). At the end a sanity check verifies that no
+backbone tensor changed. Two recipes (``--recipe``; explicit flags override them):
+
+* ``moco`` (MoCo v1/v2, facebookresearch/moco main_lincls.py): lr 30 (not scaled with the batch), momentum 0.9,
+  wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80 (scaled to ``--epochs``).
+* ``moco-v3`` (arXiv:2104.02057, facebookresearch/moco-v3 main_lincls.py and CONFIG.md): base lr 0.1 for ResNets and
+  3 for ViTs, scaled by batch/256, momentum 0.9, wd 0, batch 1024, 90 epochs, cosine lr per epoch.
 
 The backbone comes from :func:`moco_zoo.load_backbone_state_dict` (pretraining checkpoint, converted file, zoo name,
 ``random`` ...). Writes ``checkpoint.pth`` (kind "linear-probe", resumable, every epoch) and ``metrics.json`` to
@@ -16,11 +20,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -42,9 +47,12 @@ class LinclsConfig:
     data: str = ""
     pretrained: str = ""  # backbone spec (checkpoint path, zoo name, hf-hub:..., random, torchvision-supervised)
     arch: str = ""  # needed for "random"; otherwise inferred from the weights
+    recipe: str = "moco"  # moco (v1/v2) | moco-v3; see the module docstring
     epochs: int = 100
     batch_size: int = 256
-    lr: float = 30.0
+    lr: Optional[float] = 30.0  # None: the recipe's lr for the architecture (moco-v3: 0.1 ResNet, 3 ViT)
+    lr_scaling: str = "none"  # none | linear (lr x batch / 256)
+    lr_schedule: str = "step"  # step (lr_steps) | cosine
     lr_steps: List[int] = field(default_factory=lambda: [60, 80])  # of 100 epochs; scaled to --epochs
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -65,6 +73,44 @@ class LinclsConfig:
         return dataclasses.asdict(self)
 
 
+# The recipes' values of the keys they set (the dataclass defaults are the ``moco`` recipe).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "moco": dict(epochs=100, batch_size=256, lr=30.0, lr_scaling="none", lr_schedule="step", lr_steps=[60, 80],
+                 weight_decay=0.0, momentum=0.9),
+    "moco-v3": dict(epochs=90, batch_size=1024, lr=None, lr_scaling="linear", lr_schedule="cosine",
+                    weight_decay=0.0, momentum=0.9),
+}
+V3_BASE_LR = {"vit": 3.0, "resnet": 0.1}  # moco-v3 CONFIG.md: main_lincls.py --lr=3 for ViTs, the default 0.1 for R-50
+
+
+def lincls_config(recipe: str = "moco", **overrides: Any) -> LinclsConfig:
+    """A config of ``recipe`` with ``overrides`` applied (what the CLI does with explicit flags)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown linear recipe {recipe!r}: expected one of {sorted(RECIPES)}")
+    values = dict(RECIPES[recipe], recipe=recipe)
+    values.update(overrides)
+    return LinclsConfig(**values)
+
+
+def base_lr(cfg: LinclsConfig, classifier: str) -> float:
+    """The lr before batch scaling: ``--lr``, else the recipe's lr of the architecture family."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return V3_BASE_LR["vit" if classifier == "head" else "resnet"]
+
+
+def initial_lr(cfg: LinclsConfig, classifier: str, batch: int) -> float:
+    lr = base_lr(cfg, classifier)
+    return lr * batch / 256.0 if cfg.lr_scaling == "linear" else lr
+
+
+def lr_factor(epoch: int, cfg: LinclsConfig) -> float:
+    """lr multiplier in ``epoch``: x0.1 at each scaled milestone (step) or a half-cycle cosine (moco-v3)."""
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return 0.1 ** sum(int(epoch >= m) for m in scaled_milestones(cfg))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Linear classification on frozen MoCo features",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -74,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", required=True, help="backbone: pretraining checkpoint, converted weights, zoo "
                    "name, hf-hub:ORG/REPO, torchvision-supervised or random")
     p.add_argument("-a", "--arch", default=d.arch, help="timm architecture (required for --pretrained random)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-steps", type=int, nargs="+", default=d.lr_steps, help="milestones of a 100-epoch run")
-    p.add_argument("--wd", dest="weight_decay", type=float, default=d.weight_decay)
-    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--recipe", default="moco", choices=sorted(RECIPES),
+                   help="moco: the v1/v2 protocol (lr 30, 100 epochs, steps at 60/80); moco-v3: base lr 0.1 ResNet / "
+                   "3 ViT x batch/256, batch 1024, 90 epochs, cosine (the flags below override the recipe)")
+    p.add_argument("--epochs", type=int, default=None, help="(recipe: 100 / 90)")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="(recipe: 256 / 1024)")
+    p.add_argument("--lr", type=float, default=None, help="(recipe: 30 / 0.1 ResNet, 3 ViT)")
+    p.add_argument("--lr-scaling", choices=("none", "linear"), default=None, help="(recipe: none / linear)")
+    p.add_argument("--lr-schedule", choices=("step", "cosine"), default=None, help="(recipe: step / cosine)")
+    p.add_argument("--lr-steps", type=int, nargs="+", default=None, help="milestones of a 100-epoch run (60 80)")
+    p.add_argument("--wd", dest="weight_decay", type=float, default=None, help="(recipe: 0)")
+    p.add_argument("--momentum", type=float, default=None, help="(recipe: 0.9)")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("-j", "--workers", type=int, default=d.workers)
     p.add_argument("--device", default=d.device)
@@ -104,36 +155,48 @@ def config_from_args(args: argparse.Namespace) -> LinclsConfig:
     values.pop("data", None)
     if not data:
         raise ValueError("DATA (or --data) is required")
-    return LinclsConfig(data=data, **values)
+    recipe = values.pop("recipe")
+    return lincls_config(recipe, data=data, **{k: v for k, v in values.items() if v is not None})
 
 
 def scaled_milestones(cfg: LinclsConfig) -> List[int]:
     return sorted({max(1, int(round(m * cfg.epochs / 100.0))) for m in cfg.lr_steps})
 
 
-def _backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+def classifier_name(model: nn.Module) -> str:
+    """``fc`` (ResNets) or ``head`` (ViTs: a linear layer on the class token)."""
+    for name in ("fc", "head"):
+        if isinstance(getattr(model, name, None), nn.Linear):
+            return name
+    raise ValueError(f"linear probe supports ResNet-style models (fc) and ViTs (head); got {type(model).__name__}")
 
 
-def build_linear_model(spec: str, arch: str, num_classes: int) -> tuple:
-    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) fc, timm arch name)."""
+def _backbone_state(model: nn.Module, classifier: str = "fc") -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(classifier + ".")}
+
+
+def build_linear_model(spec: str, arch: str, num_classes: int, image_size: int = 224) -> tuple:
+    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) classifier, timm arch name)."""
     import timm
 
     from moco_zoo import load_backbone_state_dict
+    from moco_zoo import models as _models  # noqa: F401  (moco_vit_* for MoCo v3 ViTs)
+    from moco_zoo.convert import adapt_pos_embed
 
     sd, arch = load_backbone_state_dict(spec, arch or None)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    if not isinstance(getattr(model, "fc", None), nn.Linear):
-        raise ValueError(f"linear probe supports ResNet-style models with an 'fc' classifier; got {arch!r}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
+    vit = "pos_embed" in sd
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                              **({"img_size": image_size} if vit else {}))
+    head = classifier_name(model)
+    missing, unexpected = model.load_state_dict(adapt_pos_embed(sd, model) if vit else sd, strict=False)
+    missing = [k for k in missing if not k.startswith(head + ".")]
     if missing or unexpected:
         raise ValueError(f"{spec}: backbone weights do not fit {arch}: missing {missing[:5]}, "
                          f"unexpected {list(unexpected)[:5]}")
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("fc."))
-    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
-    nn.init.zeros_(model.fc.bias)
+        p.requires_grad_(name.startswith(head + "."))
+    nn.init.normal_(getattr(model, head).weight, mean=0.0, std=0.01)
+    nn.init.zeros_(getattr(model, head).bias)
     return model, arch
 
 
@@ -175,16 +238,19 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
     classes = train_set.classes
 
     seed_everything(cfg.seed)
-    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes))
+    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes), cfg.image_size)
+    head = classifier_name(model)
+    classifier = getattr(model, head)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    reference = {k: v.to("cpu") for k, v in _backbone_state(model).items()}
+    reference = {k: v.to("cpu") for k, v in _backbone_state(model, head).items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    assert len(params) == 2, "only fc.weight and fc.bias are trained"
-    optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=scaled_milestones(cfg), gamma=0.1)
+    assert len(params) == 2, "only the classifier's weight and bias are trained"
     batch = min(cfg.batch_size, len(train_set))
+    lr0 = initial_lr(cfg, head, cfg.batch_size)  # scaled by the configured batch, as the original scripts
+    optimizer = torch.optim.SGD(params, lr0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
     sampler = ResumableBatchSampler(len(train_set), batch, seed=cfg.seed)
     train_loader = make_loader(train_set, sampler, workers=cfg.workers, seed=cfg.seed)
     val_loader = make_loader(val_set, batch_size=max(batch, 64), workers=cfg.workers)
@@ -243,7 +309,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
             with autocast(device, amp_dtype):
                 with torch.no_grad():
                     feats = model.forward_head(model.forward_features(images), pre_logits=True)
-                logits = model.fc(feats.float() if amp_dtype is None else feats)
+                logits = classifier(feats.float() if amp_dtype is None else feats)
             loss = crit(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -267,7 +333,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
                     val["top1"], val["top5"])
 
     # Sanity check (as the protocol requires): the frozen backbone must be exactly the loaded one.
-    now = _backbone_state(model)
+    now = _backbone_state(model, head)
     changed = [k for k, v in reference.items() if not torch.equal(v, now[k].to("cpu"))]
     if changed:
         raise RuntimeError(f"linear probe sanity check failed: backbone tensors changed during training: {changed[:5]}")

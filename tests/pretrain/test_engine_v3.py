@@ -139,3 +139,33 @@ def test_v3_lr_and_momentum_schedules_are_moco_v3s():
         assert lr_factor(step, spe, cfg) == pytest.approx(want, abs=1e-12)
         m = 1 - 0.5 * (1 + math.cos(math.pi * e / 100)) * (1 - 0.99)  # adjust_moco_momentum
         assert momentum_at(step, spe * 100, cfg) == pytest.approx(m, abs=1e-12)
+
+
+def test_v3_linear_recipe_and_a_vit_class_token_probe(straight_runs, tiny_imagefolder, tmp_path):
+    """moco-v3's linear recipe (SGD 0.9, batch 1024, 90 epochs, wd 0, cosine, base lr 0.1 ResNet / 3 ViT x batch/256)
+    and a linear probe on the class token of the ViT we pretrained."""
+    from moco_zoo.pretrain.lincls import (base_lr, build_parser, config_from_args, initial_lr, lincls_config,
+                                          lr_factor, run_linear_probe)
+
+    cfg = lincls_config("moco-v3")
+    assert (cfg.epochs, cfg.batch_size, cfg.weight_decay, cfg.momentum, cfg.lr_schedule) == \
+        (90, 1024, 0.0, 0.9, "cosine")
+    assert base_lr(cfg, "head") == 3.0 and base_lr(cfg, "fc") == 0.1 and initial_lr(cfg, "head", 1024) == 12.0
+    assert [lr_factor(e, cfg) for e in (0, 45)] == [1.0, pytest.approx(0.5)]
+    args = build_parser().parse_args(["d", "--pretrained", "x", "--recipe", "moco-v3", "--lr", "0.5"])
+    assert (config_from_args(args).lr, config_from_args(args).epochs) == (0.5, 90)
+    v12 = config_from_args(build_parser().parse_args(["d", "--pretrained", "x"]))
+    assert (v12.lr, v12.epochs, v12.lr_schedule, v12.lr_steps) == (30.0, 100, "step", [60, 80])
+
+    from moco_zoo.pretrain.engine import list_checkpoints
+
+    ckpt = list_checkpoints(straight_runs["vit_tiny"] / "checkpoints")[0][1]
+    run = lincls_config("moco-v3", data=str(tiny_imagefolder), pretrained=str(ckpt), epochs=1, batch_size=16,
+                        image_size=32, workers=0, output_dir=str(tmp_path / "lin"), progress=False, knn=False)
+    result = run_linear_probe(run)
+    assert result["arch"] == "vit_tiny_patch16_224" and result["sanity_check"] == "passed"
+    ck = safe_torch_load(tmp_path / "lin" / "checkpoint.pth")
+    assert ck["state_dict"]["head.weight"].shape == (result["num_classes"], 192)
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(3.0 * 16 / 256)
+    pre = safe_torch_load(ckpt)["state_dict"]
+    assert torch.equal(ck["state_dict"]["blocks.0.attn.qkv.weight"], pre["base_encoder.blocks.0.attn.qkv.weight"])
