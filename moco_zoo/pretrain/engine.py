@@ -1,5 +1,9 @@
 """MoCo pretraining loop: schedules, DDP, checkpoints with exact resumption, logging, kNN monitor, plots.
 
+v1/v2 train :class:`~moco_zoo.pretrain.builder.MoCo`; ``moco_version: v3`` trains
+:class:`~moco_zoo.pretrain.builder_v3.MoCoV3` (both crops through both encoders, LARS / AdamW, BN synchronised over
+ranks, no dictionary) through the same loop, checkpoints and resume.
+
 Exact resumption: a checkpoint holds the MoCo module (both encoders, queue / memory bank), optimizer, scheduler,
 epoch, step in epoch, global step, the RNG states of every rank (torch, CUDA, numpy, python) and the full config.
 Batches are reproducible from (seed, epoch, step) alone (see :mod:`moco_zoo.pretrain.data`), so a run killed at any step and
