@@ -188,11 +188,12 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                mom = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked.add_(1)
+                # momentum None: cumulative average, as BatchNorm
+                mom = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), mom)
                 unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), mom)
-                self.num_batches_tracked.add_(1)
         y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
