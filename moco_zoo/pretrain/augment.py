@@ -58,9 +58,9 @@ def normalize() -> T.Normalize:
     return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 
-def moco_v1_transform(size: int = 224) -> T.Compose:
+def moco_v1_transform(size: int = 224, crop_min: float = CROP_SCALE[0]) -> T.Compose:
     return T.Compose([
-        T.RandomResizedCrop(size, scale=CROP_SCALE),
+        T.RandomResizedCrop(size, scale=(crop_min, 1.0)),
         T.RandomGrayscale(p=GRAY_P),
         T.ColorJitter(*V1_JITTER),
         T.RandomHorizontalFlip(),
@@ -69,9 +69,9 @@ def moco_v1_transform(size: int = 224) -> T.Compose:
     ])
 
 
-def moco_v2_transform(size: int = 224) -> T.Compose:
+def moco_v2_transform(size: int = 224, crop_min: float = CROP_SCALE[0]) -> T.Compose:
     return T.Compose([
-        T.RandomResizedCrop(size, scale=CROP_SCALE),
+        T.RandomResizedCrop(size, scale=(crop_min, 1.0)),
         T.RandomApply([T.ColorJitter(*V2_JITTER)], p=V2_JITTER_P),
         T.RandomGrayscale(p=GRAY_P),
         T.RandomApply([GaussianBlur(BLUR_SIGMA)], p=V2_BLUR_P),
@@ -94,11 +94,11 @@ def moco_v3_transform(view: int, size: int = 224, crop_min: float = V3_CROP_MIN)
     return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), normalize()])
 
 
-def pretrain_transform(recipe: str, size: int = 224) -> T.Compose:
+def pretrain_transform(recipe: str, size: int = 224, crop_min: float = CROP_SCALE[0]) -> T.Compose:
     if recipe == "v1":
-        return moco_v1_transform(size)
+        return moco_v1_transform(size, crop_min)
     if recipe == "v2":
-        return moco_v2_transform(size)
+        return moco_v2_transform(size, crop_min)
     raise ValueError(f"unknown augmentation recipe {recipe!r}: expected v1 or v2 (v3 has two views: "
                      f"pretrain_views)")
 
@@ -107,7 +107,7 @@ def pretrain_views(recipe: str, size: int = 224, crop_min: float = CROP_SCALE[0]
     """The two-view transform of a recipe: the same augmentation twice (v1, v2) or the asymmetric pair (v3)."""
     if recipe == "v3":
         return TwoCropsTransform(moco_v3_transform(0, size, crop_min), moco_v3_transform(1, size, crop_min))
-    return TwoCropsTransform(pretrain_transform(recipe, size))
+    return TwoCropsTransform(pretrain_transform(recipe, size, crop_min))
 
 
 class TwoCropsTransform:
