@@ -10,7 +10,8 @@ Recognised inputs (detected from the keys, never from the file name):
 ====================  ===========================================================================================
 format                layout
 ====================  ===========================================================================================
-``moco-pretrain``     this project's pretraining checkpoint (``kind``, ``state_dict`` with ``encoder_q.*``)
+``moco-pretrain``     this project's pretraining checkpoint (``kind``, ``state_dict`` with ``encoder_q.*``; MoCo v3:
+                      ``base_encoder.*`` as the official v3 files)
 ``linear-probe``      this project's linear-probe checkpoint (``kind``, full classifier ``state_dict``)
 ``official-v1v2``     facebookresearch/moco: ``state_dict`` with ``module.encoder_q.*``, ``module.queue``
 ``official-v3``       facebookresearch/moco-v3: ``module.base_encoder.*``, ``module.momentum_encoder.*``,
@@ -98,6 +99,7 @@ OFFICIAL_ARCH_TO_TIMM = {
     "resnet152": "resnet152",
     "vit_small": "moco_vit_small",
     "vit_base": "vit_base_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",  # this project's CPU-size MoCo v3 ViT (no official weights)
     "vit_conv_small": "moco_vit_small",  # conv-stem variants are not supported by the zoo; keep the family
     "vit_conv_base": "vit_base_patch16_224",
 }
@@ -419,10 +421,11 @@ def to_canonical(
         hint = obj.get("arch")
     hint = hint or meta.get("arch") or meta.get("architecture")
 
-    if fmt in (FORMAT_PRETRAIN, FORMAT_OFFICIAL_V1V2):
+    v3_layout = any(k.startswith("base_encoder.") for k in sd)  # official v3 files and our v3 pretraining
+    if fmt in (FORMAT_PRETRAIN, FORMAT_OFFICIAL_V1V2) and not v3_layout:
         enc = _sub(sd, "encoder_q.")
         backbone, proj = _split_head(enc, ("fc", "head"))
-    elif fmt == FORMAT_OFFICIAL_V3:
+    elif fmt == FORMAT_OFFICIAL_V3 or v3_layout:
         enc = _sub(sd, "base_encoder.")
         prefixes = ("head",) if _is_vit(enc) else ("fc",)
         backbone, proj = _split_head(enc, prefixes)
@@ -466,7 +469,8 @@ def to_canonical(
             warnings.warn(f"{name}: the checkpoint records arch {hint!r} but its tensors are those of {final_arch!r}; "
                           f"converting as {final_arch!r}", stacklevel=2)
     if final_arch in _MOCO_V3_ARCH_FIX and (
-        fmt == FORMAT_OFFICIAL_V3 or hint in OFFICIAL_ARCH_TO_TIMM or meta.get("source_format") == FORMAT_OFFICIAL_V3
+        fmt == FORMAT_OFFICIAL_V3 or v3_layout or hint in OFFICIAL_ARCH_TO_TIMM
+        or meta.get("source_format") == FORMAT_OFFICIAL_V3
     ):
         # MoCo v3's ViT-S has 12 heads: same parameter shapes as timm's 6-head ViT-S, different computation.
         final_arch = _MOCO_V3_ARCH_FIX[final_arch]

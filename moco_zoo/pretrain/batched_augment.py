@@ -5,7 +5,8 @@ in DataLoader workers that compete with the training step for the same CPU cores
 crops, resizes and flips (on uint8 tensors) and draws the photometric parameters; the colour jitter, grayscale and
 Gaussian blur then run on the whole batch at once on the training device (``--augment batched``).
 
-The distributions are the recipes' (MoCo v1, arXiv:1911.05722 Sec. 4; MoCo v2 "aug+", arXiv:2003.04297): the
+The distributions are the recipes' (MoCo v1, arXiv:1911.05722 Sec. 4; MoCo v2 "aug+", arXiv:2003.04297; MoCo v3's
+asymmetric BYOL recipe, arXiv:2104.02057, whose second view also solarizes): the
 parameters are drawn by torchvision's own ``get_params`` in the order the PIL pipeline draws them, so the same sample
 seed gives the same crop, flip, jitter factors and order, grayscale and blur decisions and sigma as
 ``pretrain_transform``. What differs is arithmetic only: colour ops in float without rounding to uint8 between ops,
@@ -22,27 +23,38 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from .augment import (BLUR_SIGMA, CROP_SCALE, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, V1_JITTER, V2_BLUR_P, V2_JITTER,
-                      V2_JITTER_P)
+from .augment import (BLUR_SIGMA, CROP_SCALE, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, V1_JITTER,
+                      V2_BLUR_P, V2_JITTER, V2_JITTER_P, V3_BLUR_P, V3_JITTER, V3_SOLARIZE_P)
 
 # Columns of the per-view photometric parameter row drawn by GeometricViews.
-JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA = 0, 1, 5, 6, 7, 8, 9, 10, 11
-NUM_PARAMS = 12
+JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA, SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
+NUM_PARAMS = 13
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 
 
 class Recipe:
-    """Hyper-parameters of one augmentation recipe, and the order of its photometric ops."""
+    """Hyper-parameters of one augmentation recipe, and the order of its photometric ops.
+
+    ``ops``: all ops in the order they run (what the batched half applies, each to the samples whose flag is set);
+    ``view_ops[v]``, ``blur_p[v]``, ``solarize_p[v]``: the ops and probabilities of view ``v`` (0: query / first
+    crop, 1: key / second crop), which differ in the asymmetric v3 recipe."""
 
     def __init__(self, name: str) -> None:
         if name == "v1":
-            self.jitter, self.jitter_p, self.gray_p, self.blur_p = V1_JITTER, 1.0, GRAY_P, 0.0
+            self.jitter, self.jitter_p, self.gray_p = V1_JITTER, 1.0, GRAY_P
             self.ops = ("gray", "jitter")
+            self.blur_p, self.solarize_p, self.view_ops = (0.0, 0.0), (0.0, 0.0), (self.ops, self.ops)
         elif name == "v2":
-            self.jitter, self.jitter_p, self.gray_p, self.blur_p = V2_JITTER, V2_JITTER_P, GRAY_P, V2_BLUR_P
+            self.jitter, self.jitter_p, self.gray_p = V2_JITTER, V2_JITTER_P, GRAY_P
             self.ops = ("jitter", "gray", "blur")
+            self.blur_p, self.solarize_p, self.view_ops = (V2_BLUR_P,) * 2, (0.0, 0.0), (self.ops, self.ops)
+        elif name == "v3":
+            self.jitter, self.jitter_p, self.gray_p = V3_JITTER, V2_JITTER_P, GRAY_P
+            self.ops = ("jitter", "gray", "blur", "solarize")
+            self.blur_p, self.solarize_p = V3_BLUR_P, V3_SOLARIZE_P
+            self.view_ops = (("jitter", "gray", "blur"), self.ops)  # the first view has no solarize op at all
         else:
-            raise ValueError(f"unknown augmentation recipe {name!r}: expected v1 or v2")
+            raise ValueError(f"unknown augmentation recipe {name!r}: expected v1, v2 or v3")
         self.name = name
 
 
@@ -54,6 +66,7 @@ class GeometricViews:
     """
 
     def __init__(self, recipe: str, size: int = 224, scale: Tuple[float, float] = CROP_SCALE) -> None:
+        scale = (float(scale[0]), float(scale[1]))
         self.recipe = Recipe(recipe)
         self.size = int(size)
         self.crop = T.RandomResizedCrop(self.size, scale=scale)
@@ -66,21 +79,24 @@ class GeometricViews:
         row[ORDER:ORDER + 4] = [float(o) for o in order.tolist()]
         row[BRIGHTNESS:HUE + 1] = [b, co, s, h]
 
-    def view(self, img: Image.Image) -> Tuple[np.ndarray, List[float]]:
-        """One view: uint8 SxSx3 and its parameter row, drawing exactly as ``pretrain_transform(recipe)`` does.
-        Crop, resize and flip are the PIL operations of that pipeline, so the geometry is identical to it."""
+    def view(self, img: Image.Image, which: int = 0) -> Tuple[np.ndarray, List[float]]:
+        """View ``which`` (0 or 1): uint8 SxSx3 and its parameter row, drawing exactly as the PIL pipeline of the
+        recipe does (``pretrain_transform(recipe)``, or ``moco_v3_transform(which)``). Crop, resize and flip are the
+        PIL operations of that pipeline, so the geometry is identical to it."""
         r = self.recipe
         row = [0.0] * NUM_PARAMS
         row[BRIGHTNESS:HUE] = [1.0, 1.0, 1.0]  # identity factors when jitter is off (hue: 0)
         top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-        for op in r.ops:
+        for op in r.view_ops[which]:
             if op == "jitter":
                 if r.jitter_p >= 1.0 or not r.jitter_p < torch.rand(1):  # T.RandomApply: skip if p < u
                     self._draw_jitter(row)
             elif op == "gray":
                 row[GRAY] = float(torch.rand(1) < r.gray_p)
-            elif op == "blur" and not r.blur_p < torch.rand(1):
+            elif op == "blur" and not r.blur_p[which] < torch.rand(1):  # T.RandomApply draws even for p = 1
                 row[BLUR], row[SIGMA] = 1.0, random.uniform(*BLUR_SIGMA)
+            elif op == "solarize" and not r.solarize_p[which] < torch.rand(1):
+                row[SOLARIZE] = 1.0
         flip = bool(torch.rand(1) < 0.5)
         out = img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
         if flip:
@@ -90,7 +106,7 @@ class GeometricViews:
     def __call__(self, img: Image.Image) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (uint8 2xSxSx3 views (query, key), float32 2xNUM_PARAMS parameters)."""
         img = img.convert("RGB")
-        (q, pq), (k, pk) = self.view(img), self.view(img)
+        (q, pq), (k, pk) = self.view(img, 0), self.view(img, 1)
         return torch.from_numpy(np.stack([q, k])), torch.tensor([pq, pk], dtype=torch.float32)
 
     def __repr__(self) -> str:
@@ -134,6 +150,11 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h6.unsqueeze(1), 6.0)  # Nx3xHxW
     t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * t
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """PIL's solarize on [0, 1] values: v -> 1 - v where v >= 128 / 255."""
+    return torch.where(x >= SOLARIZE_THRESHOLD / 255.0, 1.0 - x, x)
 
 
 def blur_matrices(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
@@ -213,6 +234,11 @@ class BatchedPhotometric:
                 if idx.numel():
                     idx = idx.to(x.device, non_blocking=True)
                     x.index_copy_(0, idx, gaussian_blur(x[idx], p[idx, SIGMA], self.radius))
+            elif op == "solarize":
+                idx = torch.nonzero(p_host[:, SOLARIZE] > 0).flatten()
+                if idx.numel():
+                    idx = idx.to(x.device, non_blocking=True)
+                    x.index_copy_(0, idx, solarize(x[idx]))
         return x
 
     def __call__(self, batch: Sequence[torch.Tensor], device: torch.device | str = "cpu",

@@ -4,7 +4,9 @@ The same system as the transfer configs (OmegaConf structured configs over :clas
 place, :func:`resolve`: schema defaults -> preset (``moco_zoo/pretrain/configs/<name>.yaml``; ``paper-v1`` and
 ``paper-v2`` reproduce the papers, ``cpu-small`` holds the small-data aids) -> ``--config-file`` -> flags ->
 ``--set KEY=VALUE``. Without ``--preset``, ``--moco-version v1|v2`` picks ``paper-v1|paper-v2`` (MoCo v1,
-arXiv:1911.05722; MoCo v2, arXiv:2003.04297). Unknown keys and wrongly typed values are errors naming the key.
+arXiv:1911.05722; MoCo v2, arXiv:2003.04297) and ``--moco-version v3`` (arXiv:2104.02057) picks the v3 preset of
+``--arch``: ``paper-v3-vit-small``, ``paper-v3-vit-base`` or ``paper-v3-r50`` (ResNets); ``cpu-small-v3`` holds
+the v3 small-data aids. Unknown keys and wrongly typed values are errors naming the key.
 
 Batch size and learning rate (single process and ``torchrun`` alike):
 
@@ -30,7 +32,20 @@ MECHANISMS = ("moco", "end2end", "memory_bank")
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "off")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-VERSION_PRESETS = {"v1": "paper-v1", "v2": "paper-v2"}  # --moco-version without --preset
+VERSION_PRESETS = {"v1": "paper-v1", "v2": "paper-v2", "v3": "paper-v3-r50"}  # --moco-version without --preset
+V3_VIT_PRESETS = {"vit_small": "paper-v3-vit-small", "vit_base": "paper-v3-vit-base"}
+OPTIMIZERS = ("sgd", "lars", "adamw")
+LR_SCHEDULES = ("step", "cosine", "warmup_cosine")
+
+
+def version_preset(version: str, arch: Optional[str]) -> str:
+    """The paper preset of ``--moco-version`` (v3: by architecture family)."""
+    if version == "v3" and arch:
+        if arch in V3_VIT_PRESETS:
+            return V3_VIT_PRESETS[arch]
+        if is_vit_arch(arch):
+            return V3_VIT_PRESETS["vit_small"]
+    return VERSION_PRESETS[version]
 
 
 @dataclass
@@ -42,7 +57,9 @@ class MocoConfig:
     moco_version: str = "v2"
     mechanism: str = "moco"
     # model
-    dim: int = 128
+    dim: int = 128  # output dimension of the projection head (v3: 256)
+    mlp_dim: int = 4096  # v3: hidden dimension of the projector and predictor MLPs
+    stop_grad_patch: bool = True  # v3 ViT: frozen random patch projection (the paper's stability fix)
     moco_k: int = 65536  # K: queue length (moco) or sampled negatives (memory_bank)
     momentum: float = 0.999  # m of the key encoder
     momentum_schedule: str = "fixed"  # fixed | cosine (m -> 1 over training)
@@ -57,6 +74,7 @@ class MocoConfig:
     aug: str = "v2"
     augment_backend: str = "pil"  # pil: whole recipe per image in the workers | batched: colour ops batched on the device
     image_size: int = 224
+    crop_min: float = 0.2  # RandomResizedCrop scale lower bound (v1/v2 0.2; v3: 0.2 ResNet, 0.08 ViT)
     workers: int = 4
     pin_memory: bool = True
     persistent_workers: bool = True  # only used with workers > 0
@@ -69,7 +87,8 @@ class MocoConfig:
     batch_size: int = 256  # global over all ranks
     lr: float = 0.03
     lr_scaling: str = "none"
-    lr_schedule: str = "cosine"  # step | cosine
+    optimizer: str = "sgd"  # sgd (v1/v2) | lars (v3 ResNet) | adamw (v3 ViT)
+    lr_schedule: str = "cosine"  # step | cosine | warmup_cosine (v3: cosine over the epochs after the warmup)
     lr_steps: List[int] = field(default_factory=lambda: [120, 160])  # of 200 epochs; scaled to --epochs
     warmup_epochs: float = 0.0
     weight_decay: float = 1e-4
@@ -112,12 +131,18 @@ class MocoConfig:
             raise ValueError(f"--mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
         if self.shuffle_bn not in SHUFFLE_BN_MODES:
             raise ValueError(f"--shuffle-bn must be one of {SHUFFLE_BN_MODES}, got {self.shuffle_bn!r}")
-        if self.aug not in ("v1", "v2"):
-            raise ValueError(f"--aug must be v1 or v2, got {self.aug!r}")
+        if self.aug not in ("v1", "v2", "v3"):
+            raise ValueError(f"--aug must be v1, v2 or v3, got {self.aug!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.moco_version != "v3" and self.optimizer != "sgd":
+            raise ValueError(f"optimizer={self.optimizer} is for MoCo v3; v1/v2 use sgd")
+        if not 0.0 < self.crop_min <= 1.0:
+            raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if self.augment_backend not in ("pil", "batched"):
             raise ValueError(f"augment_backend must be pil or batched, got {self.augment_backend!r}")
-        if self.lr_schedule not in ("step", "cosine"):
-            raise ValueError(f"--lr-schedule must be step or cosine, got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.momentum_schedule not in ("fixed", "cosine"):
             raise ValueError(f"momentum_schedule must be fixed or cosine, got {self.momentum_schedule!r}")
         if self.dict_init not in ("prefill", "random"):
@@ -141,22 +166,25 @@ class MocoConfig:
 # kind "bool" gives --x / --no-x. Every other key is set with --set KEY=VALUE (listed in --help).
 _FLAGS: Sequence[tuple] = (
     ("--arch", "arch", str, "backbone: timm name (resnet18/34/50/101, wide_resnet50_2, ...) or tv:NAME (torchvision)"),
-    ("--moco-version", "moco_version", str, "v1 or v2; without --preset, selects the paper-v1 / paper-v2 preset"),
+    ("--moco-version", "moco_version", str, "v1, v2 or v3; without --preset, selects the paper preset (v3: by "
+     "--arch: paper-v3-r50, paper-v3-vit-small, paper-v3-vit-base)"),
     ("--mechanism", "mechanism", str, "contrastive mechanism: moco | end2end | memory_bank (paper Fig. 3)"),
-    ("--moco-dim", "dim", int, "feature dimension (128)"),
+    ("--moco-dim", "dim", int, "feature dimension (128; v3 256)"),
+    ("--moco-mlp-dim", "mlp_dim", int, "v3: hidden dimension of the projector / predictor MLPs (4096)"),
+    ("--stop-grad-patch", "stop_grad_patch", "bool", "v3 ViT: frozen random patch projection"),
     ("--moco-k", "moco_k", int, "queue size K (moco) / sampled negatives (memory_bank)"),
     ("--moco-m", "momentum", float, "key-encoder momentum m (0.999)"),
     ("--moco-t", "temperature", float, "softmax temperature T (v1 0.07, v2 0.2)"),
     ("--mlp", "mlp", "bool", "MLP projection head (v2) instead of a linear one (v1)"),
     ("--shuffle-bn", "shuffle_bn", str, "auto | ddp | split | off (auto: ddp under torchrun, off in one process; "
      "split: the single-device emulation of G devices)"),
-    ("--aug", "aug", str, "augmentation recipe: v1 or v2 (aug+)"),
+    ("--aug", "aug", str, "augmentation recipe: v1, v2 (aug+) or v3 (asymmetric BYOL recipe)"),
     ("--image-size", "image_size", int, "crop size (224)"),
     ("-j", "workers", int, "DataLoader worker processes per rank"),
     ("--epochs", "epochs", int, "number of epochs"),
     ("-b", "batch_size", int, "GLOBAL batch size over all ranks (per rank: batch / world size)"),
     ("--lr", "lr", float, "learning rate (0.03; for a batch of 256 with lr_scaling=linear)"),
-    ("--lr-schedule", "lr_schedule", str, "step | cosine"),
+    ("--lr-schedule", "lr_schedule", str, "step | cosine | warmup_cosine (v3)"),
     ("--wd", "weight_decay", float, "weight decay (1e-4)"),
     ("--sgd-momentum", "sgd_momentum", float, "SGD momentum (0.9)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
@@ -182,6 +210,8 @@ _KEYS_WITHOUT_FLAG: Sequence[tuple] = (
     ("skip_bad_images", "bool", "train without images that do not decode (warns, counts them)"),
     ("synthetic_images", int, "DATA synthetic: number of images"),
     ("synthetic_size", int, "DATA synthetic: image size in pixels"),
+    ("optimizer", str, "sgd (v1/v2) | lars (v3 ResNet) | adamw (v3 ViT)"),
+    ("crop_min", float, "RandomResizedCrop minimum scale (0.2; v3 ViT 0.08)"),
     ("lr_scaling", str, "none (lr as given, default) | linear (lr x batch/256)"),
     ("lr_steps", "ints", "step schedule milestones in epochs of a 200-epoch run (scaled to --epochs), e.g. [120,160]"),
     ("warmup_epochs", float, "linear warmup length in epochs (0)"),
@@ -204,7 +234,7 @@ _KEYS_WITHOUT_FLAG: Sequence[tuple] = (
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """Parser whose defaults are all ``None`` so that presets apply unless a flag is given."""
     p = parser or argparse.ArgumentParser(
-        description="MoCo v1/v2 pretraining (arXiv:1911.05722, arXiv:2003.04297)",
+        description="MoCo v1/v2/v3 pretraining (arXiv:1911.05722, arXiv:2003.04297, arXiv:2104.02057)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys without a flag (--set KEY=VALUE):\n" + "\n".join(
             f"  {key:<18} {help_}" for key, _, help_ in _KEYS_WITHOUT_FLAG),
@@ -242,7 +272,7 @@ def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, fla
         version = flags.get("moco_version") or (overrides or {}).get("moco_version") or MocoConfig.moco_version
         if version not in VERSION_PRESETS:
             raise ConfigError(f"--moco-version must be one of {sorted(VERSION_PRESETS)}, got {version!r}")
-        preset = VERSION_PRESETS[version]
+        preset = version_preset(version, flags.get("arch") or (overrides or {}).get("arch"))
     preset_file = CONFIG_DIR / f"{preset}.yaml"
     if not preset_file.is_file():
         raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(preset_names())}")

@@ -47,7 +47,7 @@ def scan_imagefolder(root: Union[str, Path]) -> Tuple[List[Tuple[str, int]], Lis
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: data directory does not exist (expected an ImageFolder root "
-                        f"ROOT/<class>/<image>.jpg or ROOT/train/<class>/..., or --data synthetic)")
+                        f"ROOT/<class>/<image>.jpg or ROOT/train/<class>/..., or DATA=synthetic)")
     entries = _listdir(root)
     class_dirs = [e for e in entries if e.is_dir()]
     loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]

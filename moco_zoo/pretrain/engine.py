@@ -1,5 +1,9 @@
 """MoCo pretraining loop: schedules, DDP, checkpoints with exact resumption, logging, kNN monitor, plots.
 
+v1/v2 train :class:`~moco_zoo.pretrain.builder.MoCo`; ``moco_version: v3`` trains
+:class:`~moco_zoo.pretrain.builder_v3.MoCoV3` (both crops through both encoders, LARS / AdamW, BN synchronised over
+ranks, no dictionary) through the same loop, checkpoints and resume.
+
 Exact resumption: a checkpoint holds the MoCo module (both encoders, queue / memory bank), optimizer, scheduler,
 epoch, step in epoch, global step, the RNG states of every rank (torch, CUDA, numpy, python) and the full config.
 Batches are reproducible from (seed, epoch, step) alone (see :mod:`moco_zoo.pretrain.data`), so a run killed at any step and
@@ -54,9 +58,10 @@ from moco_zoo.logs import TensorBoardScalars
 from moco_zoo.plots import new_figure, save_png
 from moco_zoo.runlock import RunLock
 
-from .augment import TwoCropsTransform, pretrain_transform
+from .augment import pretrain_views
 from .batched_augment import BatchedPhotometric, GeometricViews
 from .builder import MoCo
+from .builder_v3 import MoCoV3, convert_sync_bn
 from .config import MocoConfig
 from .data import (
     CorruptImageError,
@@ -67,6 +72,7 @@ from .data import (
     resolve_split,
 )
 from .knn import KNNMonitor
+from .optim import make_v3_optimizer
 from .shuffle_bn import resolve_shuffle_mode
 
 logger = logging.getLogger(__name__)
@@ -79,6 +85,10 @@ CKPT_RE = re.compile(r"^checkpoint_(\d+)\.pth$")
 def lr_factor(step: int, steps_per_epoch: int, cfg: MocoConfig) -> float:
     """Multiplier of the initial lr at global ``step`` (per step; warmup, then cosine or step decay)."""
     epoch_f = step / steps_per_epoch
+    if cfg.lr_schedule == "warmup_cosine":  # moco-v3: linear from 0, then half-cycle cosine over the other epochs
+        if epoch_f < cfg.warmup_epochs:
+            return epoch_f / cfg.warmup_epochs
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch_f - cfg.warmup_epochs) / (cfg.epochs - cfg.warmup_epochs)))
     if cfg.warmup_epochs > 0 and epoch_f < cfg.warmup_epochs:
         return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
     if cfg.lr_schedule == "cosine":
@@ -295,10 +305,10 @@ class Trainer:
         assert self.data_root is not None
         self.photometric: Optional[BatchedPhotometric] = None
         if cfg.augment_backend == "batched":  # the loader yields (uint8 views, parameters); colour ops run in _views
-            transform: Callable = GeometricViews(cfg.aug, cfg.image_size)
+            transform: Callable = GeometricViews(cfg.aug, cfg.image_size, scale=(cfg.crop_min, 1.0))
             self.photometric = BatchedPhotometric(cfg.aug)
         else:
-            transform = TwoCropsTransform(pretrain_transform(cfg.aug, cfg.image_size))
+            transform = pretrain_views(cfg.aug, cfg.image_size, cfg.crop_min)
         self.dataset = ImageFolderDataset(resolve_split(self.data_root, "train"), transform)
         if cfg.verify_images or cfg.skip_bad_images:
             self._drop_bad_images()
@@ -312,18 +322,29 @@ class Trainer:
         # model: identical initialisation on every rank
         seed_everything(cfg.seed)
         self.shuffle_mode = resolve_shuffle_mode(cfg.shuffle_bn, self.world > 1, cfg.mechanism)
-        self.model = MoCo(cfg.arch, cfg.dim, cfg.moco_k, cfg.momentum, cfg.temperature, cfg.mlp,
-                          cfg.mechanism, self.shuffle_mode, cfg.shuffle_groups, bank_size=len(self.dataset),
-                          bank_momentum=cfg.bank_momentum).to(self.device)
+        self.v3 = cfg.moco_version == "v3"
+        self.model: nn.Module
+        if self.v3:  # MoCo v3: no dictionary; BN synchronised over ranks (the paper's SyncBN)
+            model = MoCoV3.from_arch(cfg.arch, cfg.dim, cfg.mlp_dim, cfg.temperature, cfg.image_size,
+                                     cfg.stop_grad_patch)
+            self.model = (convert_sync_bn(model, self.device) if self.world > 1 else model).to(self.device)
+        else:
+            self.model = MoCo(cfg.arch, cfg.dim, cfg.moco_k, cfg.momentum, cfg.temperature, cfg.mlp,
+                              cfg.mechanism, self.shuffle_mode, cfg.shuffle_groups, bank_size=len(self.dataset),
+                              bank_momentum=cfg.bank_momentum).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.compile:
-            self.model.encoder_q.compile()
-            if hasattr(self.model, "encoder_k"):
-                self.model.encoder_k.compile()
+            for name in ("encoder_q", "encoder_k", "base_encoder", "momentum_encoder"):
+                if hasattr(self.model, name):
+                    getattr(self.model, name).compile()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = scaled_lr(cfg)
-        self.optimizer = make_sgd(params, self.lr, cfg.sgd_momentum, cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            self.optimizer = make_sgd(params, self.lr, cfg.sgd_momentum, cfg.weight_decay)
+        else:  # v3: LARS (ResNet) / AdamW (ViT)
+            self.optimizer = make_v3_optimizer(self.model, cfg.optimizer, self.lr, cfg.weight_decay,
+                                               cfg.sgd_momentum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, cfg))
         self.ddp_model: nn.Module = self.model
@@ -483,6 +504,8 @@ class Trainer:
 
     def train_step(self, images: List[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the (detached) loss without synchronising with the device."""
+        if self.v3:
+            return self._train_step_v3(images)
         if self.world > 1:
             self._broadcast_bn_buffers()
         self.model.m = momentum_at(self.global_step, self.total_steps, self.cfg)
@@ -495,6 +518,19 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.model.update_dictionary(out)  # after backward: the queue is never cloned
+        return loss.detach()
+
+    def _train_step_v3(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """MoCo v3: both crops through both encoders, symmetric loss, momentum m of this step (moco-v3 order:
+        momentum update inside the forward, then backward and the optimizer step)."""
+        m = momentum_at(self.global_step, self.total_steps, self.cfg)
+        x1, x2 = self._views(images)
+        with autocast(self.device, self.amp_dtype):
+            loss = self.ddp_model(x1, x2, m)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
         return loss.detach()
 
     def knn_eval(self) -> Dict[str, float]:
@@ -515,7 +551,7 @@ class Trainer:
         memory bank (one pass), in train mode with shuffled BN as in a step. No optimizer step; deterministic, so a
         run killed during the prefill restarts it identically. See :meth:`MoCo.prefill_dictionary` for why."""
         cfg = self.cfg
-        if cfg.dict_init != "prefill" or cfg.mechanism == "end2end":
+        if cfg.dict_init != "prefill" or cfg.mechanism == "end2end" or self.v3:
             return 0
         gb = self.local_batch * self.world
         batches = -(-cfg.moco_k // gb) if cfg.mechanism == "moco" else self.steps_per_epoch

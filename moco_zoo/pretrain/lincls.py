@@ -1,10 +1,14 @@
-"""Linear classification protocol (arXiv:1911.05722 Sec. 4.1; the official main_lincls recipe).
+"""Linear classification protocol (arXiv:1911.05722 Sec. 4.1; the official main_lincls recipes).
 
-A linear classifier on frozen features: the backbone is frozen with BN in eval mode, ``fc`` is initialised
-N(0, 0.01) with bias 0 and trained with SGD (lr 30, momentum 0.9, weight decay 0, batch 256) for 100 epochs with lr
-x0.1 at epochs 60 and 80 (scaled to ``--epochs``); evaluation uses a center crop (resize to size x 256/224, crop
-size). At the end a sanity check verifies that no backbone tensor changed. The lr is not scaled with the batch
-size (the protocol's 30 is used as given; pass ``--lr`` to change it).
+A linear classifier on frozen features: the backbone is frozen with BN in eval mode, the classifier (``fc`` of a
+ResNet, ``head`` on the class token of a ViT) is initialised N(0, 0.01) with bias 0 and trained with momentum SGD;
+evaluation uses a center crop (resize to size x 256/224, crop size). At the end a sanity check verifies that no
+backbone tensor changed. Two recipes (``--recipe``; explicit flags override them):
+
+* ``moco`` (MoCo v1/v2, facebookresearch/moco main_lincls.py): lr 30 (not scaled with the batch), momentum 0.9,
+  wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80 (scaled to ``--epochs``).
+* ``moco-v3`` (arXiv:2104.02057, facebookresearch/moco-v3 main_lincls.py and CONFIG.md): base lr 0.1 for ResNets and
+  3 for ViTs, scaled by batch/256, momentum 0.9, wd 0, batch 1024, 90 epochs, cosine lr per epoch.
 
 The backbone comes from :func:`moco_zoo.load_backbone_state_dict` (pretraining checkpoint, converted file, zoo name,
 ``random`` ...). Writes ``checkpoint.pth`` (kind "linear-probe", resumable, every epoch) and ``metrics.json`` to
@@ -16,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from tqdm import tqdm
 from moco_zoo import load_backbone_state_dict
 from moco_zoo.checkpoint import KIND_LINEAR_PROBE, atomic_torch_save, atomic_write_bytes, require_kind, safe_torch_load
 from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
+from moco_zoo.convert import adapt_pos_embed
 from moco_zoo.device import autocast, autocast_dtype, default_device
 from moco_zoo.logs import TensorBoardScalars
 
@@ -49,9 +55,12 @@ class LinclsConfig:
     data: str = ""
     pretrained: str = ""  # backbone spec (checkpoint path, zoo name, hf-hub:..., random, torchvision-supervised)
     arch: str = ""  # needed for "random"; otherwise inferred from the weights
+    recipe: str = "moco"  # moco (v1/v2) | moco-v3; see the module docstring
     epochs: int = 100
     batch_size: int = 256
-    lr: float = 30.0
+    lr: Optional[float] = 30.0  # None: the recipe's lr for the architecture (moco-v3: 0.1 ResNet, 3 ViT)
+    lr_scaling: str = "none"  # none | linear (lr x batch / 256)
+    lr_schedule: str = "step"  # step (lr_steps) | cosine
     lr_steps: List[int] = field(default_factory=lambda: [60, 80])  # of 100 epochs; scaled to --epochs
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -72,15 +81,55 @@ class LinclsConfig:
         return dataclasses.asdict(self)
 
 
+# The recipes' values of the keys they set (the dataclass defaults are the ``moco`` recipe).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "moco": dict(epochs=100, batch_size=256, lr=30.0, lr_scaling="none", lr_schedule="step", lr_steps=[60, 80],
+                 weight_decay=0.0, momentum=0.9),
+    "moco-v3": dict(epochs=90, batch_size=1024, lr=None, lr_scaling="linear", lr_schedule="cosine",
+                    weight_decay=0.0, momentum=0.9),
+}
+V3_BASE_LR = {"vit": 3.0, "resnet": 0.1}  # moco-v3 CONFIG.md: main_lincls.py --lr=3 for ViTs, the default 0.1 for R-50
+
+
+def lincls_config(recipe: str = "moco", **overrides: Any) -> LinclsConfig:
+    """A config of ``recipe`` with ``overrides`` applied (what the CLI does with explicit flags)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown linear recipe {recipe!r}: expected one of {sorted(RECIPES)}")
+    values = dict(RECIPES[recipe], recipe=recipe)
+    values.update(overrides)
+    return LinclsConfig(**values)
+
+
+def base_lr(cfg: LinclsConfig, classifier: str) -> float:
+    """The lr before batch scaling: ``--lr``, else the recipe's lr of the architecture family."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return V3_BASE_LR["vit" if classifier == "head" else "resnet"]
+
+
+def initial_lr(cfg: LinclsConfig, classifier: str, batch: int) -> float:
+    lr = base_lr(cfg, classifier)
+    return lr * batch / 256.0 if cfg.lr_scaling == "linear" else lr
+
+
+def lr_factor(epoch: int, cfg: LinclsConfig) -> float:
+    """lr multiplier in ``epoch``: x0.1 at each scaled milestone (step) or a half-cycle cosine (moco-v3)."""
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return 0.1 ** sum(int(epoch >= m) for m in scaled_milestones(cfg))
+
+
 # The original main_lincls.py's flags (+ image size, precision, device, output dir): flag -> (key, type, help).
 _FLAGS = (
+    ("--recipe", "recipe", str, "moco: the v1/v2 protocol (lr 30, 100 epochs, steps at 60/80); moco-v3: base lr 0.1 "
+     "ResNet / 3 ViT x batch/256, batch 1024, 90 epochs, cosine (flags and --set override the recipe)"),
     ("--pretrained", "pretrained", str, "backbone: pretraining checkpoint, converted weights, zoo name, hf-hub:ORG/REPO, "
      "torchvision-supervised or random"),
     ("-a", "arch", str, "timm architecture (required for --pretrained random)"),
     ("-j", "workers", int, "DataLoader workers"),
     ("--epochs", "epochs", int, "epochs (100)"),
     ("-b", "batch_size", int, "batch size (256)"),
-    ("--lr", "lr", float, "learning rate (30)"),
+    ("--lr", "lr", float, "learning rate (recipe: 30 / 0.1 ResNet, 3 ViT)"),
     ("--momentum", "momentum", float, "SGD momentum (0.9)"),
     ("--wd", "weight_decay", float, "weight decay (0)"),
     ("--image-size", "image_size", int, "crop size (224)"),
@@ -111,9 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(config_file: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
             overrides: Optional[Dict[str, Any]] = None) -> LinclsConfig:
-    """Protocol defaults < config file < flags < ``--set``; unknown keys and bad values name their source."""
+    """The recipe (``recipe`` from the flags, the config file or ``--set``; default ``moco``) < config file < flags
+    < ``--set``; unknown keys and bad values name their source."""
+    file_values = load_yaml(Path(config_file)) if config_file else {}
+    recipe = (overrides or {}).get("recipe") or (flags or {}).get("recipe") or file_values.get("recipe") or "moco"
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown linear recipe {recipe!r}: expected one of {', '.join(sorted(RECIPES))}")
     cfg = OmegaConf.structured(LinclsConfig)
-    merge_layers(cfg, [(load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
+    merge_layers(cfg, [(dict(RECIPES[recipe], recipe=recipe), f"recipe {recipe}"), (file_values, str(config_file)),
                        (flags or {}, "command line"), (overrides or {}, "override")])
     return LinclsConfig(**OmegaConf.to_container(cfg))
 
@@ -135,26 +189,35 @@ def scaled_milestones(cfg: LinclsConfig) -> List[int]:
     return sorted({max(1, int(round(m * cfg.epochs / 100.0))) for m in cfg.lr_steps})
 
 
-def _backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+def classifier_name(model: nn.Module) -> str:
+    """``fc`` (ResNets) or ``head`` (ViTs: a linear layer on the class token)."""
+    for name in ("fc", "head"):
+        if isinstance(getattr(model, name, None), nn.Linear):
+            return name
+    raise ValueError(f"linear probe supports ResNet-style models (fc) and ViTs (head); got {type(model).__name__}")
 
 
-def build_linear_model(spec: str, arch: str, num_classes: int) -> tuple:
-    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) fc, timm arch name)."""
+def _backbone_state(model: nn.Module, classifier: str = "fc") -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(classifier + ".")}
+
+
+def build_linear_model(spec: str, arch: str, num_classes: int, image_size: int = 224) -> tuple:
+    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) classifier, timm arch name)."""
 
     sd, arch = load_backbone_state_dict(spec, arch or None)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    if not isinstance(getattr(model, "fc", None), nn.Linear):
-        raise ValueError(f"linear probe supports ResNet-style models with an 'fc' classifier; got {arch!r}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
+    vit = "pos_embed" in sd
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                              **({"img_size": image_size} if vit else {}))
+    head = classifier_name(model)
+    missing, unexpected = model.load_state_dict(adapt_pos_embed(sd, model) if vit else sd, strict=False)
+    missing = [k for k in missing if not k.startswith(head + ".")]
     if missing or unexpected:
         raise ValueError(f"{spec}: backbone weights do not fit {arch}: missing {missing[:5]}, "
                          f"unexpected {list(unexpected)[:5]}")
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("fc."))
-    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
-    nn.init.zeros_(model.fc.bias)
+        p.requires_grad_(name.startswith(head + "."))
+    nn.init.normal_(getattr(model, head).weight, mean=0.0, std=0.01)
+    nn.init.zeros_(getattr(model, head).bias)
     return model, arch
 
 
@@ -196,16 +259,19 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
     classes = train_set.classes
 
     seed_everything(cfg.seed)
-    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes))
+    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes), cfg.image_size)
+    head = classifier_name(model)
+    classifier = getattr(model, head)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    reference = {k: v.to("cpu") for k, v in _backbone_state(model).items()}
+    reference = {k: v.to("cpu") for k, v in _backbone_state(model, head).items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    assert len(params) == 2, "only fc.weight and fc.bias are trained"
-    optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=scaled_milestones(cfg), gamma=0.1)
+    assert len(params) == 2, "only the classifier's weight and bias are trained"
     batch = min(cfg.batch_size, len(train_set))
+    lr0 = initial_lr(cfg, head, cfg.batch_size)  # scaled by the configured batch, as the original scripts
+    optimizer = torch.optim.SGD(params, lr0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
     sampler = ResumableBatchSampler(len(train_set), batch, seed=cfg.seed)
     train_loader = make_loader(train_set, sampler, workers=cfg.workers, seed=cfg.seed)
     val_loader = make_loader(val_set, batch_size=max(batch, 64), workers=cfg.workers)
@@ -262,7 +328,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
             with autocast(device, amp_dtype):
                 with torch.no_grad():
                     feats = model.forward_head(model.forward_features(images), pre_logits=True)
-                logits = model.fc(feats.float() if amp_dtype is None else feats)
+                logits = classifier(feats.float() if amp_dtype is None else feats)
             loss = crit(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,7 +354,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
     tensorboard.close()
 
     # Sanity check (as the protocol requires): the frozen backbone must be exactly the loaded one.
-    now = _backbone_state(model)
+    now = _backbone_state(model, head)
     changed = [k for k, v in reference.items() if not torch.equal(v, now[k].to("cpu"))]
     if changed:
         raise RuntimeError(f"linear probe sanity check failed: backbone tensors changed during training: {changed[:5]}")

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from moco_zoo.pretrain import batched_augment as BA
-from moco_zoo.pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
+from moco_zoo.pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, moco_v3_transform, pretrain_transform
 
 
 def _images(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
@@ -67,6 +67,8 @@ def _torchvision_photometric(recipe: str, img: torch.Tensor, row: torch.Tensor) 
         elif op == "blur" and row[BA.BLUR] > 0:
             s = float(row[BA.SIGMA])
             img = TF.gaussian_blur(img, kernel_size=[13, 13], sigma=[s, s])
+        elif op == "solarize" and row[BA.SOLARIZE] > 0:
+            img = TF.solarize(img, 128 / 255)
     return TF.normalize(img, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
@@ -82,7 +84,7 @@ def _seeded(seed: int, fn, *args):
     return fn(*args)
 
 
-@pytest.mark.parametrize("recipe", ["v1", "v2"])
+@pytest.mark.parametrize("recipe", ["v1", "v2", "v3"])
 def test_batched_photometric_equals_per_image_torchvision_in_drawn_order(recipe):
     geo, photo = BA.GeometricViews(recipe, 24), BA.BatchedPhotometric(recipe)
     items = [_seeded(s, geo, _source_image(s)) for s in range(12)]
@@ -91,6 +93,8 @@ def test_batched_photometric_equals_per_image_torchvision_in_drawn_order(recipe)
     assert params[:, :, BA.JITTER].sum() > 0 and params[:, :, BA.GRAY].sum() > 0
     if recipe == "v2":
         assert 0 < params[:, :, BA.BLUR].sum() < params.shape[0] * 2
+    if recipe == "v3":  # blur always on the first view, solarize only on the second
+        assert params[:, 0, BA.BLUR].sum() == params.shape[0] and params[:, 0, BA.SOLARIZE].sum() == 0
     q, k = photo((views, params))
     for i in range(len(items)):
         for j, out in enumerate((q, k)):
@@ -99,14 +103,17 @@ def test_batched_photometric_equals_per_image_torchvision_in_drawn_order(recipe)
                                        atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("recipe", ["v1", "v2"])
-def test_same_seed_draws_the_same_augmentation_as_the_pil_pipeline(recipe):
+@pytest.mark.parametrize("recipe,which", [("v1", 0), ("v2", 0), ("v3", 0), ("v3", 1)])
+def test_same_seed_draws_the_same_augmentation_as_the_pil_pipeline(recipe, which):
     """Same sample seed -> same crop, flip, jitter factors and order, grayscale, blur and sigma as the PIL
     pipeline: the two outputs differ only by arithmetic (uint8 rounding in PIL's colour ops, PIL's box-filter blur).
     A different draw (e.g. another crop) would differ by far more."""
     size = 32
-    pil = pretrain_transform(recipe, size)
-    geo, photo = BA.GeometricViews(recipe, size), BA.BatchedPhotometric(recipe)
+    if recipe == "v3":  # asymmetric: each view has its own PIL pipeline
+        pil, geo = moco_v3_transform(which, size, 0.08), BA.GeometricViews(recipe, size, scale=(0.08, 1.0))
+    else:
+        pil, geo = pretrain_transform(recipe, size), BA.GeometricViews(recipe, size)
+    photo = BA.BatchedPhotometric(recipe)
     diffs, shifted = [], []
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for s in range(24):
@@ -114,7 +121,7 @@ def test_same_seed_draws_the_same_augmentation_as_the_pil_pipeline(recipe):
         ref = _seeded(s, pil, img)
         torch.manual_seed(s)
         random.seed(s)
-        v, row = geo.view(img)
+        v, row = geo.view(img, which)
         out = photo((torch.from_numpy(np.stack([v, v]))[None], torch.tensor([row, row])[None]))[0][0]
         diffs.append(float(((out - ref) * std).abs().mean()))  # in [0, 1] pixel units
         other = _seeded(s + 1000, pil, img)
@@ -150,7 +157,7 @@ def test_bad_batch_is_refused():
     with pytest.raises(ValueError, match="Nx2xSxSx3"):
         photo((torch.zeros(2, 2, 3, 8, 8), torch.zeros(2, 2, BA.NUM_PARAMS)))
     with pytest.raises(ValueError, match="unknown augmentation recipe"):
-        BA.BatchedPhotometric("v3")
+        BA.BatchedPhotometric("v4")
 
 
 def test_channels_last_output_and_query_key_split():

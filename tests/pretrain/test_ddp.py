@@ -27,7 +27,8 @@ DRIVER = textwrap.dedent('''
         summary = _fit(self)
         sd = self.model.state_dict()
         keep = {k: v.detach().cpu().clone() for k, v in sd.items()
-                if k.startswith(("encoder_q.", "encoder_k.")) or k in ("queue", "queue_ptr", "memory_bank")}
+                if k.startswith(("encoder_q.", "encoder_k.", "base_encoder.", "momentum_encoder.", "predictor."))
+                or k in ("queue", "queue_ptr", "memory_bank")}
         torch.save(keep, Path(os.environ["DUMP_DIR"]) / f"rank{self.rank}.pt")
         return summary
 
@@ -70,3 +71,29 @@ def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefol
     if mechanism == "moco":
         assert torch.equal(ck["state_dict"]["queue"], r0["queue"])
     assert not any(k.startswith("module.") for k in ck["state_dict"])
+
+
+@pytest.mark.ddp
+@pytest.mark.slow  # ~25 s: two interpreters, resnet18 through both v3 encoders
+def test_torchrun_v3_two_ranks_stay_identical_with_synchronised_bn(tiny_imagefolder, tmp_path):
+    """MoCo v3 under torchrun (gloo): keys gathered over ranks, BN synchronised (AllReduceBatchNorm on CPU), so every
+    parameter and every BN running statistic of both encoders and the predictor is the same on both ranks."""
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DUMP_DIR=str(dump),
+               MAIN_MOCO=str(REPO / "pretrain" / "main_moco.py"))
+    args = tiny_args(tiny_imagefolder, out, "--moco-version", "v3", "--moco-mlp-dim", "64",
+                     "--moco-dim", "32", "--set", "max_steps=3", "warmup_epochs=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = safe_torch_load(dump / "rank0.pt"), safe_torch_load(dump / "rank1.pt")
+    assert r0.keys() == r1.keys() and any(k.startswith("momentum_encoder.fc.") for k in r0)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    ck = safe_torch_load(list_checkpoints(out / "checkpoints")[0][1])
+    assert ck["moco_version"] == "v3" and ck["global_step"] == 3 and ck["config"]["optimizer"] == "lars"
+    sd = ck["state_dict"]
+    assert not torch.equal(sd["base_encoder.fc.0.weight"], sd["momentum_encoder.fc.0.weight"])
