@@ -28,6 +28,8 @@ from omegaconf import OmegaConf
 from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
 from moco_zoo.config import preset_names as _preset_names
 
+from .builder_v3 import is_vit_arch
+
 MECHANISMS = ("moco", "end2end", "memory_bank")
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "off")
 
