@@ -127,8 +127,10 @@ class LinearSweep:
 
 
 def train_sweep(sweep: LinearSweep, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
-                seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = False) -> LinearSweep:
-    """Train every head of ``sweep`` on features ``x`` (NxD) / labels ``y`` (N); resumable from ``checkpoint``."""
+                seed: int = 0, checkpoint: Optional[Path] = None, progress: bool = False,
+                stop_epoch: Optional[int] = None) -> LinearSweep:
+    """Train every head of ``sweep`` on features ``x`` (NxD) / labels ``y`` (N); resumable from ``checkpoint``.
+    ``stop_epoch``: leave after this many epochs (of the ``epochs`` schedule), e.g. to fit a time-limited job."""
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         ck = safe_torch_load(checkpoint)
@@ -137,7 +139,7 @@ def train_sweep(sweep: LinearSweep, x: torch.Tensor, y: torch.Tensor, *, epochs:
         logger.info("linear sweep resumed from %s at epoch %d", checkpoint, start)
     r, w = rank(), world_size()
     n = len(y)
-    epochs_it = range(start, epochs)
+    epochs_it = range(start, min(epochs, stop_epoch or epochs))
     if progress and r == 0:
         from tqdm import tqdm
 
