@@ -9,8 +9,8 @@ import importlib
 import sys
 from typing import List, Optional
 
-# Modules that contribute subcommands (make-data; convert, publish, download, list, import-official).
-COMMAND_MODULES = ("moco_zoo.data.cli", "moco_zoo.zoo_cli")
+# Modules that contribute subcommands (make-data; convert, publish, download, list, import-official; eval).
+COMMAND_MODULES = ("moco_zoo.data.cli", "moco_zoo.zoo_cli", "moco_zoo.evaluation.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
