@@ -16,7 +16,7 @@ read from its ``hub_configs/*.yaml`` entry; nothing is repeated here.
 
 Public API: :func:`prepare_hub_folder`, :func:`upload_hub_folder`, :func:`publish`, :func:`download`,
 :func:`import_official`, :func:`build_hub_config`, :func:`render_model_card`, :func:`load_measured_metrics`,
-:func:`sha256_file`, :class:`HubFolder`, :class:`MetricRow`.
+:func:`load_eval_results`, :func:`sha256_file`, :class:`HubFolder`, :class:`MetricRow`.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ __all__ = [
     "build_hub_config",
     "render_model_card",
     "load_measured_metrics",
+    "load_eval_results",
     "prepare_hub_folder",
     "upload_hub_folder",
     "publish",
@@ -188,6 +189,39 @@ def load_measured_metrics(paths: Sequence[PathLike]) -> List[MetricRow]:
     return rows
 
 
+def load_eval_results(paths: Sequence[PathLike]) -> List[Any]:
+    """``results.json`` files of ``moco-zoo eval`` -> huggingface_hub ``EvalResult`` s (one per protocol metric:
+    the mean over seeds as the value; std, n and seeds in ``metric_args``) for the card's ``model-index``."""
+    from huggingface_hub import EvalResult
+
+    from .evaluation.results import read_results
+
+    out: List[Any] = []
+    for p in paths:
+        data = read_results(Path(p))
+        dataset = str(data.get("dataset") or Path(p).parent.name)
+        backbone = str(data.get("backbone") or "")
+        for r in data["results"]:
+            out.append(EvalResult(
+                task_type="image-classification", task_name=f"{r['protocol']} evaluation (moco-zoo eval)",
+                dataset_type=dataset, dataset_name=dataset, dataset_split="val", metric_type="accuracy",
+                metric_name=f"{r['protocol']} {r['metric']}", metric_value=round(float(r["mean"]), 4),
+                metric_args={"std": round(float(r.get("std", 0.0)), 4), "n": int(r.get("n", 1)),
+                             "seeds": list(data.get("seeds", [])), "backbone": backbone}))
+    return out
+
+
+def _eval_result_rows(evals: Sequence[Any]) -> List[MetricRow]:
+    """The metrics-table rows of ``EvalResult`` s from :func:`load_eval_results`."""
+    rows = []
+    for e in evals:
+        args = e.metric_args or {}
+        label = f"{e.metric_name} (± {args.get('std', 0):.2f}, n={args.get('n', 1)})"
+        rows.append(MetricRow(name=e.metric_name or e.metric_type, value=float(e.metric_value),
+                              source="this project (moco-zoo eval)", dataset=e.dataset_name, label=label))
+    return rows
+
+
 def _coerce_rows(measured: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]]) -> List[MetricRow]:
     out: List[MetricRow] = []
     for m in measured or []:
@@ -297,7 +331,7 @@ def _fmt_value(v: float) -> str:
 
 
 def _yaml_front_matter(entry: ZooEntry, repo_id: str, rows: Sequence[MetricRow], files: Sequence[FileRecord],
-                       num_classes: int) -> Dict[str, Any]:
+                       num_classes: int, eval_results: Sequence[Any] = ()) -> Dict[str, Any]:
     tags = ["image-feature-extraction", "timm", "moco", "self-supervised", "contrastive-learning",
             f"moco-{entry.moco_version}" if entry.moco_version else "moco",
             "vision-transformer" if entry.architecture.startswith("vit") else "resnet"]
@@ -323,6 +357,11 @@ def _yaml_front_matter(entry: ZooEntry, repo_id: str, rows: Sequence[MetricRow],
                 "source": {"name": r.source, "url": entry.source.origin_url
                            or "https://github.com/facebookresearch/moco"},
             })
+    if eval_results:  # huggingface_hub writes them in the model-index format it parses back
+        from huggingface_hub import ModelCardData
+
+        index = ModelCardData(model_name=entry.name, eval_results=list(eval_results)).to_dict()["model-index"]
+        results += index[0]["results"]
     if results:
         front["model-index"] = [{"name": entry.name, "results": results}]
     return front
@@ -385,13 +424,14 @@ def _usage_sections(entry: ZooEntry, repo_id: str, num_classes: int, has_detectr
 
 def render_model_card(entry: ZooEntry, repo_id: str, files: Sequence[FileRecord],
                       measured: Sequence[MetricRow] = (), num_classes: Optional[int] = None,
-                      source_note: Optional[str] = None) -> str:
-    """README.md for the repository: YAML front matter + description, metrics, usage, files, citation."""
+                      source_note: Optional[str] = None, eval_results: Sequence[Any] = ()) -> str:
+    """README.md for the repository: YAML front matter + description, metrics, usage, files, citation.
+    ``eval_results``: huggingface_hub ``EvalResult`` s (:func:`load_eval_results`) for the model-index."""
     num_classes = entry.num_classes if num_classes is None else num_classes
     published = [MetricRow(name=k, value=float(v), source="published") for k, v in entry.metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    rows = published + list(measured)
-    front = _yaml_front_matter(entry, repo_id, published + list(measured), files, num_classes)
+    rows = published + list(measured) + _eval_result_rows(eval_results)
+    front = _yaml_front_matter(entry, repo_id, published + list(measured), files, num_classes, eval_results)
     lines: List[str] = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
     lines += [f"# {entry.name}", "", entry.description + ".", ""]
     src = entry.source
@@ -487,6 +527,7 @@ def prepare_hub_folder(
     out_dir: Optional[PathLike] = None,
     *,
     measured_metrics: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]] = None,
+    eval_results: Sequence[Any] = (),
     allow_pickle: bool = False,
     with_head: bool = True,
     overwrite: bool = True,
@@ -551,7 +592,8 @@ def prepare_hub_folder(
     rows = _coerce_rows(measured_metrics)
     fmt = converted.source_format
     card = render_model_card(entry, repo_id, records, rows, num_classes=num_classes,
-                             source_note=f"{fmt} checkpoint `{Path(name).name}`" if fmt else None)
+                             source_note=f"{fmt} checkpoint `{Path(name).name}`" if fmt else None,
+                             eval_results=eval_results)
     atomic_write_text(out / CARD_FILE, card)
     return HubFolder(path=out, repo_id=repo_id, entry=entry, files={r.name: r.sha256 for r in records},
                      config=hub_config,
@@ -600,6 +642,7 @@ def publish(
     private: Optional[bool] = None,
     metrics_files: Sequence[PathLike] = (),
     measured_metrics: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]] = None,
+    eval_results_files: Sequence[PathLike] = (),
     allow_pickle: bool = False,
 ) -> Tuple[HubFolder, Optional[str]]:
     """Prepare the Hub folder (in ``local_dir`` or a temporary directory) and upload it unless ``dry_run``.
@@ -608,8 +651,9 @@ def publish(
     folder is removed afterwards (``folder.path`` then no longer exists).
     """
     rows = _coerce_rows(measured_metrics) + load_measured_metrics(metrics_files)
+    evals = load_eval_results(eval_results_files)
     folder = prepare_hub_folder(checkpoint, config, repo_id, local_dir, measured_metrics=rows,
-                                allow_pickle=allow_pickle)
+                                eval_results=evals, allow_pickle=allow_pickle)
     if dry_run:
         return folder, None
     try:
