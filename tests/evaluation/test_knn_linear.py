@@ -111,3 +111,31 @@ def test_run_linear_sweep_picks_the_best_validation_head():
     assert res["best_lr"] == 0.5 and res["val_top1"] == max(g["val_top1"] for g in res["grid"])
     assert res["grid"][0]["val_top1"] < res["val_top1"]
     assert res["top1"] > 60.0
+
+
+def _ddp_sweep_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = _data()
+        sweep = train_sweep(LinearSweep(12, 4, [0.05, 0.5], [0.0, 1e-2], seed=7), x, y, epochs=3, batch_size=16,
+                            seed=7)
+        if rank == 0:
+            torch.save({"weight": sweep.weight.detach(), "bias": sweep.bias.detach()}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow  # ~12 s on the shared 2-core machine (two interpreters importing torch/timm)
+def test_the_sweep_under_two_gloo_processes_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_sweep_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    x, y = _data()
+    ref = train_sweep(LinearSweep(12, 4, [0.05, 0.5], [0.0, 1e-2], seed=7), x, y, epochs=3, batch_size=16, seed=7)
+    assert torch.allclose(got["weight"], ref.weight.detach(), atol=1e-5)
+    assert torch.allclose(got["bias"], ref.bias.detach(), atol=1e-5)
