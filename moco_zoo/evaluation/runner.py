@@ -22,20 +22,29 @@ from .results import ResultRow, make_row, write_results
 
 logger = logging.getLogger(__name__)
 
-# settings that do not change any number (a rerun with other values reuses the stored per-seed results)
-_NEUTRAL_KEYS = {"seeds", "protocols", "output_dir", "progress", "workers", "device", "cache_dir", "dataset_name"}
+# The settings every protocol's numbers depend on, and each protocol's own (by key prefix): a (protocol, seed)
+# result or training checkpoint is reused only when these are unchanged.
+_COMMON_KEYS = ("backbone", "arch", "data", "image_size", "precision", "channels_last", "bn", "synthetic_images",
+                "synthetic_size")
+_PROTOCOL_KEYS = {"knn": ("knn_",), "linear": ("linear_", "val_fraction", "split_seed"), "fewshot": ("fewshot_",),
+                  "lowshot": ("lowshot_",), "linear-moco": ("moco_linear_",)}
 
 
-def fingerprint(cfg: EvalConfig) -> str:
-    d = {k: v for k, v in cfg.to_dict().items() if k not in _NEUTRAL_KEYS}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint(cfg: EvalConfig, protocol: str) -> str:
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k in _COMMON_KEYS or k.startswith(_PROTOCOL_KEYS[protocol])}
+    return hashlib.sha256(json.dumps([protocol, d], sort_keys=True).encode()).hexdigest()[:12]
 
 
 class _Store:
     """``<out>/per_seed/<protocol>/seed<S>.json``: metrics of one finished (protocol, seed)."""
 
-    def __init__(self, out: Path, fp: str) -> None:
-        self.out, self.fp = out / "per_seed", fp
+    def __init__(self, out: Path, cfg: EvalConfig) -> None:
+        self.out, self.cfg = out / "per_seed", cfg
+
+    def work_dir(self, protocol: str, seed: int) -> Path:
+        """Checkpoints of an unfinished (protocol, seed) under these settings."""
+        return self.out.parent / "work" / protocol / f"{fingerprint(self.cfg, protocol)}_seed{seed}"
 
     def path(self, protocol: str, seed: int) -> Path:
         return self.out / protocol / f"seed{seed}.json"
@@ -48,7 +57,7 @@ class _Store:
             data = json.loads(p.read_text(encoding="utf-8"))
         except ValueError:
             return None
-        if data.get("fingerprint") != self.fp:
+        if data.get("fingerprint") != fingerprint(self.cfg, protocol):
             logger.info("%s: computed with other settings; running %s seed %d again", p, protocol, seed)
             return None
         return data
@@ -57,7 +66,7 @@ class _Store:
         if rank() == 0:
             p = self.path(protocol, seed)
             p.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(p, json.dumps({"fingerprint": self.fp, "protocol": protocol, "seed": seed,
+            atomic_write_text(p, json.dumps({"fingerprint": fingerprint(self.cfg, protocol), "protocol": protocol, "seed": seed,
                                              "metrics": metrics, "seconds": seconds, "details": details}, indent=2))
 
 
@@ -85,7 +94,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                           "torchrun or drop it from --protocols")
     out = Path(cfg.output_dir)
     root = data_root(cfg)
-    store = _Store(out, fingerprint(cfg))
+    store = _Store(out, cfg)
     feature_seconds: List[float] = []
     features: Dict[int, FeatureSet] = {}
 
@@ -117,7 +126,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                                wds=cfg.linear_wds, epochs=cfg.linear_epochs, batch_size=cfg.linear_batch_size,
                                momentum=cfg.linear_momentum, val_fraction=cfg.val_fraction,
                                split_seed=cfg.split_seed, seed=seed,
-                               checkpoint=out / "linear" / f"seed{seed}" / "sweep.pth", progress=cfg.progress)
+                               checkpoint=store.work_dir("linear", seed) / "sweep.pth", progress=cfg.progress)
         metrics = {"top1": res["top1"], "top5": res["top5"]}
         return metrics, {k: v for k, v in res.items() if k not in metrics}
 
@@ -141,7 +150,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                 split_file = Path(s["file"])
                 idx = read_split_file(split_file, train_ds)
             else:
-                split_file = out / "lowshot" / "subsets" / f"{s['percent']:g}percent_seed{seed}.txt"
+                split_file = out / "lowshot_subsets" / f"{s['percent']:g}percent_seed{seed}.txt"
                 idx = subset_indices(train_ds, s["percent"], seed).tolist()
                 if rank() == 0:
                     write_split_file(split_file, train_ds, idx)
@@ -150,7 +159,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
                            momentum=cfg.lowshot_momentum, weight_decay=cfg.lowshot_weight_decay,
                            image_size=cfg.image_size, seed=seed, device=device, precision=cfg.precision,
                            workers=cfg.workers, channels_last=cfg.channels_last,
-                           checkpoint=out / "lowshot" / f"{s['name']}_seed{seed}.pth", progress=cfg.progress)
+                           checkpoint=store.work_dir("lowshot", seed) / f"{s['name']}.pth", progress=cfg.progress)
             metrics[f"top1_{s['name']}"] = res["top1"]
             details[s["name"]] = {"split_file": str(split_file), "train_images": res["train_images"],
                                   "epochs": s["epochs"], "top5": res["top5"]}
@@ -163,7 +172,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
             data=str(root), pretrained=cfg.backbone, arch=cfg.arch, epochs=cfg.moco_linear_epochs,
             batch_size=cfg.moco_linear_batch_size, image_size=cfg.image_size, workers=cfg.workers,
             device=cfg.device, precision=cfg.precision, channels_last=cfg.channels_last, seed=seed,
-            output_dir=str(out / "linear-moco" / f"seed{seed}"), resume="auto", progress=cfg.progress, knn=False))
+            output_dir=str(store.work_dir("linear-moco", seed)), resume="auto", progress=cfg.progress, knn=False))
         return {"top1": res["top1"], "top5": res["top5"]}, {"checkpoint": res["checkpoint"]}
 
     runners = {"knn": run_knn, "linear": run_linear, "fewshot": run_fewshot, "lowshot": run_lowshot,

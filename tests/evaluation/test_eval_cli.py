@@ -49,9 +49,10 @@ def test_eval_all_protocols_two_seeds_results_and_resume(eval_imagefolder, tmp_p
     assert "| knn | top1_k10 |" in capsys.readouterr().out
 
     # low-shot: the split file is balanced and the whole network was fine-tuned (backbone weights changed)
-    lines = (out / "lowshot" / "subsets" / "50percent_seed0.txt").read_text().split()
+    lines = (out / "lowshot_subsets" / "50percent_seed0.txt").read_text().split()
     assert len(lines) == 30
-    ck = torch.load(out / "lowshot" / "50pct_seed0.pth", weights_only=True)
+    (ck_path,) = (out / "work" / "lowshot").glob("*_seed0/50pct.pth")
+    ck = torch.load(ck_path, weights_only=True)
     import moco_zoo
 
     start = moco_zoo.load_backbone("random", "resnet18", seed=0).state_dict()
@@ -63,6 +64,10 @@ def test_eval_all_protocols_two_seeds_results_and_resume(eval_imagefolder, tmp_p
     assert _run(eval_imagefolder, out) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "per_seed").rglob("*.json")} == stamps
     assert json.loads((out / "results.json").read_text())["results"] == data["results"]
+    # another few-shot setting: only few-shot runs again
+    assert _run(eval_imagefolder, out, "fewshot_c=0.5") == 0
+    changed = {p for p in (out / "per_seed").rglob("*.json") if p.stat().st_mtime_ns != stamps[p]}
+    assert changed == {out / "per_seed" / "fewshot" / f"seed{s}.json" for s in (0, 1)}
 
 
 def test_eval_bad_input_is_one_line_exit_2(tmp_path, capsys):
