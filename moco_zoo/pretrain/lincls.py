@@ -115,13 +115,14 @@ def _backbone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
-def build_linear_model(spec: str, arch: str, num_classes: int) -> tuple:
-    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) fc, timm arch name)."""
+def build_linear_model(spec: str, arch: str, num_classes: int, seed: int = 0) -> tuple:
+    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) fc, timm arch name); ``seed`` picks
+    the weights of ``spec="random"``."""
     import timm
 
     from moco_zoo import load_backbone_state_dict
 
-    sd, arch = load_backbone_state_dict(spec, arch or None)
+    sd, arch = load_backbone_state_dict(spec, arch or None, seed=seed)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if not isinstance(getattr(model, "fc", None), nn.Linear):
         raise ValueError(f"linear probe supports ResNet-style models with an 'fc' classifier; got {arch!r}")
@@ -175,7 +176,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
     classes = train_set.classes
 
     seed_everything(cfg.seed)
-    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes))
+    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes), seed=cfg.seed)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
