@@ -66,8 +66,9 @@ class _Store:
         if rank() == 0:
             p = self.path(protocol, seed)
             p.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(p, json.dumps({"fingerprint": fingerprint(self.cfg, protocol), "protocol": protocol, "seed": seed,
-                                             "metrics": metrics, "seconds": seconds, "details": details}, indent=2))
+            record = {"fingerprint": fingerprint(self.cfg, protocol), "protocol": protocol, "seed": seed,
+                      "metrics": metrics, "seconds": seconds, "details": details}
+            atomic_write_text(p, json.dumps(record, indent=2))
 
 
 def _barrier() -> None:
@@ -108,8 +109,6 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
         fs = features[key_seed]
         return FeatureSet(fs.train.to(device), fs.train_labels.to(device), fs.test.to(device),
                           fs.test_labels.to(device), fs.classes, fs.key)
-
-    runners: Dict[str, Callable[[int], tuple]] = {}
 
     def run_knn(seed: int):
         from .knn import knn_eval
@@ -175,8 +174,9 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
             output_dir=str(store.work_dir("linear-moco", seed)), resume="auto", progress=cfg.progress, knn=False))
         return {"top1": res["top1"], "top5": res["top5"]}, {"checkpoint": res["checkpoint"]}
 
-    runners = {"knn": run_knn, "linear": run_linear, "fewshot": run_fewshot, "lowshot": run_lowshot,
-               "linear-moco": run_linear_moco}
+    runners: Dict[str, Callable[[int], tuple]] = {
+        "knn": run_knn, "linear": run_linear, "fewshot": run_fewshot, "lowshot": run_lowshot,
+        "linear-moco": run_linear_moco}
     distributed_protocols = {"linear", "lowshot"}  # all ranks train; the others run on rank 0
     per_seed: Dict[str, Dict[int, Dict[str, Any]]] = {p: {} for p in cfg.protocols}
     for seed in cfg.seeds:
