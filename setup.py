@@ -32,6 +32,7 @@ setup(
         "pyyaml>=6.0",
         "omegaconf>=2.3",
         "tensorboard>=2.14",
+        "scikit-learn>=1.1",  # few-shot logistic regression (moco_zoo.evaluation.fewshot)
     ],
     extras_require={
         # transformers: the test that a published folder loads through TimmWrapperModel

@@ -11,8 +11,8 @@ from typing import List, Optional
 
 from .errors import EXPECTED_ERRORS, report
 
-# Modules that contribute subcommands (make-data; convert, publish, download, list, import-official).
-COMMAND_MODULES = ("moco_zoo.data.cli", "moco_zoo.zoo_cli")
+# Modules that contribute subcommands (make-data; convert, publish, download, list, import-official; eval).
+COMMAND_MODULES = ("moco_zoo.data.cli", "moco_zoo.zoo_cli", "moco_zoo.evaluation.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

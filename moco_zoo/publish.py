@@ -34,10 +34,11 @@ from . import convert, zoo
 from .checkpoint import CheckpointError, atomic_write_text
 from .hub import (CARD_FILE, CHECKSUMS_KEY, CONFIG_FILE, DETECTRON2_FILE, HUB_FILES, WEIGHTS_FILE, _env_true,
                   download_url, sha256_file, verify_md5)
+from .evaluation.results import read_results
 from .models import imagenet_label_names, pretrained_cfg_for_entry
 from .zoo import CLASSIFIER, HubInfo, ZooEntry
 
-__all__ = ["HubFolder", "MetricRow", "build_card_data", "build_pretrained_cfg", "import_official",
+__all__ = ["HubFolder", "MetricRow", "build_card_data", "build_pretrained_cfg", "import_official", "load_eval_results",
            "load_measured_metrics", "prepare_hub_folder", "publish", "render_model_card", "upload_hub_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -145,6 +146,35 @@ def load_measured_metrics(paths: Sequence[PathLike]) -> List[MetricRow]:
     return rows
 
 
+def load_eval_results(paths: Sequence[PathLike]) -> List[EvalResult]:
+    """``results.json`` files of ``moco-zoo eval`` -> huggingface_hub ``EvalResult`` s (one per protocol metric:
+    the mean over seeds as the value; std, n and seeds in ``metric_args``) for the card's ``model-index``."""
+    out: List[EvalResult] = []
+    for p in paths:
+        data = read_results(Path(p))
+        dataset = str(data.get("dataset") or Path(p).parent.name)
+        backbone = str(data.get("backbone") or "")
+        for r in data["results"]:
+            out.append(EvalResult(
+                task_type="image-classification", task_name=f"{r['protocol']} evaluation (moco-zoo eval)",
+                dataset_type=dataset, dataset_name=dataset, dataset_split="val", metric_type="accuracy",
+                metric_name=f"{r['protocol']} {r['metric']}", metric_value=round(float(r["mean"]), 4),
+                metric_args={"std": round(float(r.get("std", 0.0)), 4), "n": int(r.get("n", 1)),
+                             "seeds": list(data.get("seeds", [])), "backbone": backbone}))
+    return out
+
+
+def _eval_result_rows(evals: Sequence[EvalResult]) -> List[MetricRow]:
+    """The metrics-table rows of ``EvalResult`` s from :func:`load_eval_results`."""
+    rows = []
+    for e in evals:
+        args = e.metric_args or {}
+        label = f"{e.metric_name} (± {args.get('std', 0):.2f}, n={args.get('n', 1)})"
+        rows.append(MetricRow(name=e.metric_name or e.metric_type, value=float(e.metric_value),
+                              source="this project (moco-zoo eval)", dataset=e.dataset_name, label=label))
+    return rows
+
+
 def _coerce_rows(measured: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]]) -> List[MetricRow]:
     out: List[MetricRow] = []
     for m in measured or []:
@@ -226,14 +256,15 @@ def _eval_result(entry: ZooEntry, row: MetricRow) -> Optional[EvalResult]:
                          if row.source == "published" else {}))
 
 
-def build_card_data(entry: ZooEntry, rows: Sequence[MetricRow], num_classes: int) -> ModelCardData:
+def build_card_data(entry: ZooEntry, rows: Sequence[MetricRow], num_classes: int,
+                    eval_results: Sequence[EvalResult] = ()) -> ModelCardData:
     """The card's YAML front matter as huggingface_hub's :class:`ModelCardData` (tags, license, model-index)."""
     tags = ["image-feature-extraction", "timm", "moco", "self-supervised", "contrastive-learning",
             f"moco-{entry.moco_version}" if entry.moco_version else "moco",
             "vision-transformer" if entry.architecture.startswith("vit") else "resnet"]
     if num_classes:
         tags.insert(1, "image-classification")
-    results = [r for r in (_eval_result(entry, row) for row in rows) if r is not None]
+    results = [r for r in (_eval_result(entry, row) for row in rows) if r is not None] + list(eval_results)
     return ModelCardData(
         library_name="timm", license=entry.license,
         license_link="https://creativecommons.org/licenses/by-nc/4.0/" if entry.license.startswith("cc-by-nc") else None,
@@ -297,13 +328,14 @@ def _usage_sections(entry: ZooEntry, repo_id: str, num_classes: int, has_detectr
 
 def render_model_card(entry: ZooEntry, repo_id: str, files: Sequence[FileRecord],
                       measured: Sequence[MetricRow] = (), num_classes: Optional[int] = None,
-                      source_note: Optional[str] = None) -> str:
-    """README.md for the repository: YAML front matter + description, metrics, usage, files, citation."""
+                      source_note: Optional[str] = None, eval_results: Sequence[EvalResult] = ()) -> str:
+    """README.md for the repository: YAML front matter + description, metrics, usage, files, citation.
+    ``eval_results``: huggingface_hub ``EvalResult`` s (:func:`load_eval_results`) for the model-index."""
     num_classes = entry.num_classes if num_classes is None else num_classes
     published = [MetricRow(name=k, value=float(v), source="published") for k, v in entry.metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    rows = published + list(measured)
-    card_data = build_card_data(entry, rows, num_classes)
+    card_data = build_card_data(entry, published + list(measured), num_classes, eval_results)
+    rows = published + list(measured) + _eval_result_rows(eval_results)
     lines: List[str] = ["---", card_data.to_yaml().rstrip(), "---", ""]
     lines += [f"# {entry.name}", "", entry.description + ".", ""]
     src = entry.source
@@ -395,6 +427,7 @@ def prepare_hub_folder(
     out_dir: Optional[PathLike] = None,
     *,
     measured_metrics: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]] = None,
+    eval_results: Sequence[EvalResult] = (),
     allow_pickle: bool = False,
     with_head: bool = True,
     overwrite: bool = True,
@@ -454,7 +487,8 @@ def prepare_hub_folder(
     rows = _coerce_rows(measured_metrics)
     fmt = converted.source_format
     card = render_model_card(entry, repo_id, records, rows, num_classes=num_classes,
-                             source_note=f"{fmt} checkpoint `{Path(name).name}`" if fmt else None)
+                             source_note=f"{fmt} checkpoint `{Path(name).name}`" if fmt else None,
+                             eval_results=eval_results)
     atomic_write_text(out / CARD_FILE, card)
     return HubFolder(path=out, repo_id=repo_id, entry=entry, files={r.name: r.sha256 for r in records},
                      config=hub_config,
@@ -501,6 +535,7 @@ def publish(
     private: Optional[bool] = None,
     metrics_files: Sequence[PathLike] = (),
     measured_metrics: Optional[Iterable[Union[MetricRow, Mapping[str, Any]]]] = None,
+    eval_results_files: Sequence[PathLike] = (),
     allow_pickle: bool = False,
 ) -> Tuple[HubFolder, Optional[str]]:
     """Prepare the Hub folder (in ``local_dir`` or a temporary directory) and upload it unless ``dry_run``.
@@ -510,7 +545,7 @@ def publish(
     """
     rows = _coerce_rows(measured_metrics) + load_measured_metrics(metrics_files)
     folder = prepare_hub_folder(checkpoint, config, repo_id, local_dir, measured_metrics=rows,
-                                allow_pickle=allow_pickle)
+                                eval_results=load_eval_results(eval_results_files), allow_pickle=allow_pickle)
     if dry_run:
         return folder, None
     try:

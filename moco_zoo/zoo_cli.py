@@ -122,6 +122,9 @@ def add_publish(sub) -> None:
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--metrics", nargs="*", default=[], metavar="JSON",
                    help="metrics JSON files from this project's runs, added to the model card's metrics table")
+    p.add_argument("--eval-results", nargs="*", default=[], metavar="RESULTS_JSON",
+                   help="results.json of `moco-zoo eval`: every protocol's mean (+- std over seeds) goes into the "
+                   "model card's model-index (huggingface_hub EvalResult) and metrics table")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling of CKPT if weights_only loading refuses it (trusted files only)")
     p.set_defaults(func=cmd_publish)
@@ -132,7 +135,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     folder, url = publish.publish(
         args.ckpt, args.config, args.repo_id, local_dir=args.local_dir, dry_run=dry, endpoint=args.endpoint,
         token=args.token, private=True if args.private else None, metrics_files=args.metrics,
-        allow_pickle=args.allow_pickle,
+        eval_results_files=args.eval_results, allow_pickle=args.allow_pickle,
     )
     files = ", ".join(f"{n} (sha256 {h[:12]})" for n, h in folder.files.items())
     if dry or args.local_dir:

@@ -25,9 +25,10 @@ from .data import ImageFolderDataset, make_loader
 
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
-                     amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(NxD L2-normalised float32 features, N labels) of every image in ``loader``."""
+                     amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False, normalize: bool = True,
+                     progress=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(NxD float32 features, L2-normalised unless ``normalize=False``; N labels) of every image in ``loader``.
+    ``progress``: an optional tqdm bar advanced by the batch size."""
     feats, labels = [], []
     for images, targets, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -35,8 +36,10 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], loader:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             f = feature_fn(images)
-        feats.append(F.normalize(f.float(), dim=1))
+        feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
         labels.append(targets.to(device))
+        if progress is not None:
+            progress.update(len(targets))
     return torch.cat(feats), torch.cat(labels)
 
 

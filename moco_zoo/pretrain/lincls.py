@@ -201,10 +201,10 @@ def _backbone_state(model: nn.Module, classifier: str = "fc") -> Dict[str, torch
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(classifier + ".")}
 
 
-def build_linear_model(spec: str, arch: str, num_classes: int, image_size: int = 224) -> tuple:
-    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) classifier, timm arch name)."""
-
-    sd, arch = load_backbone_state_dict(spec, arch or None)
+def build_linear_model(spec: str, arch: str, num_classes: int, image_size: int = 224, seed: int = 0) -> tuple:
+    """(timm model with frozen backbone from ``spec`` and a fresh N(0, 0.01) classifier, timm arch name); ``seed``
+    picks the weights of ``spec="random"``."""
+    sd, arch = load_backbone_state_dict(spec, arch or None, seed=seed)
     vit = "pos_embed" in sd
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes,
                               **({"img_size": image_size} if vit else {}))
@@ -259,7 +259,7 @@ def run_linear_probe(cfg: LinclsConfig) -> Dict[str, Any]:
     classes = train_set.classes
 
     seed_everything(cfg.seed)
-    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes), cfg.image_size)
+    model, arch = build_linear_model(cfg.pretrained, cfg.arch, len(classes), cfg.image_size, seed=cfg.seed)
     head = classifier_name(model)
     classifier = getattr(model, head)
     model = model.to(device)
