@@ -14,7 +14,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["moco_zoo", "moco_zoo.*"]),
-    package_data={"moco_zoo.transfer": ["configs/*/*.yaml"], "moco_zoo.pretrain": ["configs/*.yaml"]},
+    package_data={"moco_zoo.transfer": ["configs/*/*.yaml"], "moco_zoo.pretrain": ["configs/*.yaml"],
+                  "moco_zoo.evaluation": ["configs/*.yaml"]},
     # hub_configs/ is the zoo's source of truth; ship it inside the package for non-editable installs.
     data_files=[("share/moco-zoo/hub_configs", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "hub_configs").glob("*.yaml"))])],
     install_requires=[

@@ -118,3 +118,19 @@ def test_library_imports_sit_at_the_top_of_modules():
                         if not (name or "").startswith(LAZY_IMPORTS_ALLOWED):
                             bad.append(f"{p.relative_to(REPO)}:{node.lineno} imports {name} inside {fn.name}()")
     assert not bad, "\n".join(bad)
+
+
+def test_every_config_file_of_the_library_ships_in_the_wheel():
+    """Each YAML beside the library code matches a setup.py package_data pattern (else an installed wheel lacks it)."""
+    tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
+    package_data = next(ast.literal_eval(kw.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                        for kw in node.keywords if kw.arg == "package_data")
+    missing = []
+    for path in (REPO / "moco_zoo").rglob("*.yaml"):
+        rel = path.relative_to(REPO)
+        ok = any(rel.is_relative_to(Path(*pkg.split("."))) and
+                 rel.relative_to(Path(*pkg.split("."))).match(pattern)
+                 for pkg, patterns in package_data.items() for pattern in patterns)
+        if not ok:
+            missing.append(str(rel))
+    assert not missing, f"not in setup.py package_data: {missing}"
