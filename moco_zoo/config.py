@@ -1,14 +1,17 @@
 """The project's one config system: OmegaConf structured configs (a dataclass is the schema), YAML presets with
 ``_base_`` inheritance, ``KEY=VALUE`` overrides, and errors that name the key and where it came from. Pretraining
-(:mod:`moco_zoo.pretrain.config`) and transfer (:mod:`moco_zoo.transfer.config`) build on these pieces."""
+(:mod:`moco_zoo.pretrain.config`, the linear probe), transfer (:mod:`moco_zoo.transfer.config`) and evaluation
+(:mod:`moco_zoo.evaluation.config`) build on these pieces."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -75,3 +78,27 @@ def merge_layers(cfg: DictConfig, layers: Iterable[Tuple[Dict[str, Any], str]], 
 
 def preset_names(folder: Path) -> list:
     return sorted(p.stem for p in Path(folder).glob("*.yaml"))
+
+
+def preset_file(folder: Path, preset: str, what: str = "") -> Path:
+    """``folder/<preset>.yaml``; an unknown preset is a :class:`ConfigError` listing the known ones."""
+    path = Path(folder) / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {preset!r}{what}: expected one of {', '.join(preset_names(folder))}")
+    return path
+
+
+def user_layers(config_file: Optional[str], flags: Optional[Dict[str, Any]],
+                overrides: Optional[Dict[str, Any]]) -> List[Tuple[Dict[str, Any], str]]:
+    """The layers a user adds over a preset, in order: ``--config-file``, explicit flags (``None`` = not given),
+    ``--set KEY=VALUE``."""
+    return [(load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
+            ({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
+            (overrides or {}, "override")]
+
+
+def resolve_dataclass(schema: Type[T], layers: Iterable[Tuple[Dict[str, Any], str]]) -> T:
+    """``schema``'s defaults with ``layers`` merged in order (typed, every error naming its source)."""
+    cfg = OmegaConf.structured(schema)
+    merge_layers(cfg, layers)
+    return schema(**OmegaConf.to_container(cfg))

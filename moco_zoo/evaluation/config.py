@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
-
-from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
+from moco_zoo.config import ConfigError, load_yaml, parse_overrides, preset_file
 from moco_zoo.config import preset_names as _preset_names
+from moco_zoo.config import resolve_dataclass, user_layers
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROTOCOLS = ("knn", "linear", "fewshot", "lowshot", "linear-moco")
@@ -111,15 +110,9 @@ def preset_names() -> List[str]:
 def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, flags: Optional[Dict[str, Any]] = None,
             overrides: Optional[Dict[str, Any]] = None) -> EvalConfig:
     preset = preset or "paper"
-    preset_file = CONFIG_DIR / f"{preset}.yaml"
-    if not preset_file.is_file():
-        raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(preset_names())}")
-    cfg = OmegaConf.structured(EvalConfig)
-    merge_layers(cfg, [(load_yaml(preset_file), str(preset_file)),
-                       (load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
-                       ({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
-                       (overrides or {}, "override")])
-    return EvalConfig(**OmegaConf.to_container(cfg)).validate()
+    path = preset_file(CONFIG_DIR, preset)
+    layers = [(load_yaml(path), str(path))] + user_layers(config_file, flags, overrides)
+    return resolve_dataclass(EvalConfig, layers).validate()
 
 
 def make_config(preset: Optional[str] = None, **overrides: Any) -> EvalConfig:

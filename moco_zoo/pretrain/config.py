@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
+from moco_zoo.config import ConfigError, load_yaml, parse_overrides, preset_file
 from moco_zoo.config import preset_names as _preset_names
+from moco_zoo.config import resolve_dataclass, user_layers
 
 from .builder_v3 import is_vit_arch
 
@@ -275,14 +276,9 @@ def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, fla
         if version not in VERSION_PRESETS:
             raise ConfigError(f"--moco-version must be one of {sorted(VERSION_PRESETS)}, got {version!r}")
         preset = version_preset(version, flags.get("arch") or (overrides or {}).get("arch"))
-    preset_file = CONFIG_DIR / f"{preset}.yaml"
-    if not preset_file.is_file():
-        raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(preset_names())}")
-    cfg = OmegaConf.structured(MocoConfig)
-    merge_layers(cfg, [(load_yaml(preset_file), str(preset_file)),
-                       (load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
-                       (flags, "command line"), (overrides or {}, "override")])
-    return MocoConfig(**OmegaConf.to_container(cfg)).validate()
+    path = preset_file(CONFIG_DIR, preset)
+    layers = [(load_yaml(path), str(path))] + user_layers(config_file, flags, overrides)
+    return resolve_dataclass(MocoConfig, layers).validate()
 
 
 def config_from_args(args: argparse.Namespace) -> MocoConfig:

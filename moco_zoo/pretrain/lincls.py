@@ -30,12 +30,11 @@ from typing import Any, Dict, List, Optional
 import timm
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moco_zoo import load_backbone_state_dict
 from moco_zoo.checkpoint import KIND_LINEAR_PROBE, atomic_torch_save, atomic_write_bytes, require_kind, safe_torch_load
-from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
+from moco_zoo.config import ConfigError, load_yaml, parse_overrides, resolve_dataclass, user_layers
 from moco_zoo.convert import adapt_pos_embed
 from moco_zoo.device import autocast, autocast_dtype, default_device
 from moco_zoo.logs import TensorBoardScalars
@@ -166,10 +165,8 @@ def resolve(config_file: Optional[str] = None, flags: Optional[Dict[str, Any]] =
     recipe = (overrides or {}).get("recipe") or (flags or {}).get("recipe") or file_values.get("recipe") or "moco"
     if recipe not in RECIPES:
         raise ConfigError(f"unknown linear recipe {recipe!r}: expected one of {', '.join(sorted(RECIPES))}")
-    cfg = OmegaConf.structured(LinclsConfig)
-    merge_layers(cfg, [(dict(RECIPES[recipe], recipe=recipe), f"recipe {recipe}"), (file_values, str(config_file)),
-                       (flags or {}, "command line"), (overrides or {}, "override")])
-    return LinclsConfig(**OmegaConf.to_container(cfg))
+    layers = [(dict(RECIPES[recipe], recipe=recipe), f"recipe {recipe}")] + user_layers(config_file, flags, overrides)
+    return resolve_dataclass(LinclsConfig, layers)
 
 
 def config_from_args(args: argparse.Namespace) -> LinclsConfig:

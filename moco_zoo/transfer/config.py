@@ -21,8 +21,9 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 
 from omegaconf import DictConfig, OmegaConf
 
-from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides
+from moco_zoo.config import ConfigError, load_yaml, merge_layers, parse_overrides, preset_file
 from moco_zoo.config import preset_names as _preset_names
+from moco_zoo.config import user_layers
 
 __all__ = ["ConfigError", "TransferConfig", "DetectionConfig", "SegmentationConfig", "resolve", "validate",
            "effective_batch", "preset_names", "parse_overrides", "schema_keys", "to_yaml", "to_dict"]
@@ -153,15 +154,12 @@ def resolve(task: str, preset: Optional[str] = None, config_file: Optional[str] 
     """The resolved config of ``task`` (see the module docstring for the order)."""
     _check_task(task)
     preset = preset or "paper"
-    preset_file = CONFIG_DIR / task / f"{preset}.yaml"
-    if not preset_file.is_file():
-        raise ConfigError(f"unknown preset {preset!r} for {task}: expected one of {', '.join(preset_names(task))}")
-    cfg = OmegaConf.structured(SCHEMAS[task](task=task, preset=preset))
     what = f" for task {task}"
-    merge_layers(cfg, [(load_yaml(preset_file), str(preset_file))], what=what)
+    path = preset_file(CONFIG_DIR / task, preset, f" for {task}")
+    cfg = OmegaConf.structured(SCHEMAS[task](task=task, preset=preset))
+    merge_layers(cfg, [(load_yaml(path), str(path))], what=what)
     preset_iters, preset_steps = cfg.iters, list(cfg.steps)
-    layers = [(load_yaml(Path(config_file)) if config_file else {}, str(config_file)),
-              ({k: v for k, v in (flags or {}).items() if v is not None}, "command line"), (overrides or {}, "override")]
+    layers = user_layers(config_file, flags, overrides)
     user = merge_layers(cfg, [({k: v for k, v in u.items() if k not in ("task", "preset")}, s) for u, s in layers],
                         what=what)
     if "iters" in user and "steps" not in user and cfg.iters != preset_iters:
