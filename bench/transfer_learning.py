@@ -72,7 +72,9 @@ def run_one(task: str, engine: str, experiment: str, args, out: Path) -> Dict[st
         cmd += ["--engine", engine]
     if engine == "torchvision" and experiment == "curves":
         cmd += ["--eval-period", str(args.eval_period)]
-    cmd += ["--set", *_split_overrides(task, experiment, args.fit_images), *args.set]
+    overrides = [*_split_overrides(task, experiment, args.fit_images), *args.set]
+    if overrides:  # --set needs at least one KEY=VALUE
+        cmd += ["--set", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
