@@ -38,23 +38,29 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.ddp
-@pytest.mark.parametrize("mechanism", ["moco", pytest.param("memory_bank", marks=pytest.mark.slow),
-                                       pytest.param("end2end", marks=pytest.mark.slow)])
-def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefolder, tmp_path, mechanism):
-    out, dump = tmp_path / "run", tmp_path / "dump"
+def _torchrun_two_ranks(tmp_path, args):
+    """``main_moco.py args`` under torchrun with 2 gloo ranks; the state each rank dumped at the end."""
+    dump = tmp_path / "dump"
     dump.mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DUMP_DIR=str(dump),
                MAIN_MOCO=str(REPO / "pretrain" / "main_moco.py"))
-    # global batch 8 = 2 ranks x 4; K=20 is not a multiple of 8: the queue wraps around.
-    args = tiny_args(tiny_imagefolder, out, "--moco-k", "20", "--mechanism", mechanism,
-                     "--shuffle-bn", "ddp" if mechanism == "moco" else "auto", "--set", "max_steps=3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = safe_torch_load(dump / "rank0.pt"), safe_torch_load(dump / "rank1.pt")
+    return safe_torch_load(dump / "rank0.pt"), safe_torch_load(dump / "rank1.pt")
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("mechanism", ["moco", pytest.param("memory_bank", marks=pytest.mark.slow),
+                                       pytest.param("end2end", marks=pytest.mark.slow)])
+def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefolder, tmp_path, mechanism):
+    out = tmp_path / "run"
+    # global batch 8 = 2 ranks x 4; K=20 is not a multiple of 8: the queue wraps around.
+    args = tiny_args(tiny_imagefolder, out, "--moco-k", "20", "--mechanism", mechanism,
+                     "--shuffle-bn", "ddp" if mechanism == "moco" else "auto", "--set", "max_steps=3")
+    r0, r1 = _torchrun_two_ranks(tmp_path, args)
     assert r0.keys() == r1.keys()
     if mechanism == "moco":
         assert int(r0["queue_ptr"]) == (3 * 8) % 20  # the paper's random initial queue, then 3 steps of 8 keys
@@ -78,18 +84,10 @@ def test_torchrun_two_ranks_keep_identical_queues_and_key_encoders(tiny_imagefol
 def test_torchrun_v3_two_ranks_stay_identical_with_synchronised_bn(tiny_imagefolder, tmp_path):
     """MoCo v3 under torchrun (gloo): keys gathered over ranks, BN synchronised (AllReduceBatchNorm on CPU), so every
     parameter and every BN running statistic of both encoders and the predictor is the same on both ranks."""
-    out, dump = tmp_path / "run", tmp_path / "dump"
-    dump.mkdir()
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DUMP_DIR=str(dump),
-               MAIN_MOCO=str(REPO / "pretrain" / "main_moco.py"))
+    out = tmp_path / "run"
     args = tiny_args(tiny_imagefolder, out, "--moco-version", "v3", "--moco-mlp-dim", "64",
                      "--moco-dim", "32", "--set", "max_steps=3", "warmup_epochs=1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = safe_torch_load(dump / "rank0.pt"), safe_torch_load(dump / "rank1.pt")
+    r0, r1 = _torchrun_two_ranks(tmp_path, args)
     assert r0.keys() == r1.keys() and any(k.startswith("momentum_encoder.fc.") for k in r0)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
