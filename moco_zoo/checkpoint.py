@@ -7,6 +7,7 @@ temporary file in the same directory followed by ``os.replace``, so a crash neve
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
@@ -135,3 +136,17 @@ def remove_stale_temporaries(directory: PathLike) -> List[Path]:
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def read_json_object(path: PathLike, what: str = "JSON file") -> Dict[str, Any]:
+    """The JSON object in ``path``; a missing file, invalid JSON or a non-object is one error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object in the {what}, got {type(data).__name__}")
+    return data

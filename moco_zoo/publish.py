@@ -31,7 +31,7 @@ import torch
 from huggingface_hub import EvalResult, HfApi, ModelCardData, constants
 
 from . import convert, zoo
-from .checkpoint import CheckpointError, atomic_write_text
+from .checkpoint import CheckpointError, atomic_write_text, read_json_object
 from .hub import (CARD_FILE, CHECKSUMS_KEY, CONFIG_FILE, DETECTRON2_FILE, HUB_FILES, WEIGHTS_FILE, _env_true,
                   download_url, sha256_file, verify_md5)
 from .evaluation.results import read_results
@@ -127,14 +127,7 @@ def load_measured_metrics(paths: Sequence[PathLike]) -> List[MetricRow]:
     rows: List[MetricRow] = []
     for p in paths:
         p = Path(p)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"metrics file {p} does not exist") from None
-        except ValueError as e:
-            raise ValueError(f"metrics file {p}: not valid JSON ({e})") from e
-        if not isinstance(data, Mapping):
-            raise ValueError(f"metrics file {p}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(p, "metrics file")
         metrics = data.get("metrics") if isinstance(data.get("metrics"), Mapping) else data
         label = data.get("source") or data.get("name") or data.get("protocol") or data.get("task")
         source = f"this project ({label})" if isinstance(label, str) and label else f"this project ({p.name})"

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from moco_zoo.checkpoint import atomic_write_text
+from moco_zoo.checkpoint import atomic_write_text, read_json_object
 
 RESULTS_FORMAT = 1
 
@@ -72,13 +72,8 @@ def write_results(out_dir: Path, rows: Sequence[ResultRow], meta: Dict[str, Any]
 def read_results(path: Path) -> Dict[str, Any]:
     """A ``results.json`` of ``moco-zoo eval`` (checked: one clear error for anything else)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: results file not found") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+    data = read_json_object(path, "results file")
+    if not isinstance(data.get("results"), list):
         raise ValueError(f"{path}: not a results.json of `moco-zoo eval` (no 'results' list)")
     for i, r in enumerate(data["results"]):
         if not isinstance(r, dict) or not {"protocol", "metric", "mean"} <= set(r):
