@@ -154,10 +154,13 @@ def load_backbone(
     num_classes: int = 0,
     allow_pickle: bool = False,
     seed: int = 0,
+    image_size: Optional[int] = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm model with the backbone weights of ``spec`` (pooled features when ``num_classes=0``, else a fresh head).
 
+    ``image_size``: the input side for models with a fixed input size (ViTs): the model is built for it and the
+    checkpoint's position embedding resampled to its patch grid; models without one (ResNets) ignore it.
     Missing or unexpected backbone keys raise :class:`CheckpointError`.
     """
     sd, arch = load_backbone_state_dict(spec, arch, allow_pickle=allow_pickle, seed=seed)
@@ -166,6 +169,10 @@ def load_backbone(
     model = timm.create_model(
         arch, pretrained=False, num_classes=num_classes, pretrained_cfg_overlay=overlay, **timm_kwargs
     )
+    patch_embed = getattr(model, "patch_embed", None)
+    if image_size and patch_embed is not None and hasattr(model, "set_input_size") \
+            and tuple(patch_embed.img_size) != (image_size, image_size):
+        model.set_input_size(img_size=(image_size, image_size))
     sd = adapt_pos_embed(sd, model)
     result = model.load_state_dict(sd, strict=False)
     heads = _head_keys(arch)

@@ -127,7 +127,7 @@ def build_frozen_backbone(cfg: EvalConfig, seed: int, device: torch.device, trai
                           amp_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """The backbone of ``cfg.backbone`` in eval mode (pooled features), BN per ``cfg.bn``."""
 
-    model = load_backbone(cfg.backbone, cfg.arch or None, num_classes=0, seed=seed).to(device).eval()
+    model = load_backbone(cfg.backbone, cfg.arch or None, num_classes=0, seed=seed, image_size=cfg.image_size).to(device).eval()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():

@@ -107,7 +107,7 @@ def finetune(*, backbone: str, arch: str, train_root: Path, test_root: Path, ind
     loader = make_loader(train_set, sampler, workers=workers, seed=seed)
 
     seed_everything(seed)
-    model = load_backbone(backbone, arch or None, num_classes=num_classes, seed=seed).to(device)
+    model = load_backbone(backbone, arch or None, num_classes=num_classes, seed=seed, image_size=image_size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_lr = lr * global_batch / 256.0

@@ -86,6 +86,23 @@ def test_random_is_seeded_and_needs_arch():
         moco_zoo.load_backbone_state_dict("random")
 
 
+def test_image_size_builds_vits_for_that_input_and_resamples_the_position_embedding():
+    """A ViT checkpoint made at 224 px, loaded for 48 px inputs: timm's own resampling of the same weights into a
+    model created at 48 px gives the same features; ResNets ignore image_size."""
+    from timm.layers import resample_abs_pos_embed
+
+    sd, _ = moco_zoo.load_backbone_state_dict("random", "vit_tiny_patch16_224", seed=0)
+    model = moco_zoo.load_backbone("random", "vit_tiny_patch16_224", seed=0, image_size=48).eval()
+    expected = timm.create_model("vit_tiny_patch16_224", img_size=48, num_classes=0).eval()
+    sd = dict(sd, pos_embed=resample_abs_pos_embed(sd["pos_embed"], new_size=[3, 3], num_prefix_tokens=1))
+    expected.load_state_dict(sd)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected(x))
+    resnet = moco_zoo.load_backbone("random", "resnet18", seed=0, image_size=48)
+    assert resnet(x).shape == (2, 512)
+
+
 def test_torchvision_supervised_uses_torchvision_cache(monkeypatch):
     import torchvision
 
