@@ -83,3 +83,34 @@ def test_eval_only_on_the_final_checkpoint_reproduces_the_run_with_precise_bn(sy
     tested = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / "again"),
                          resume=str(tmp_path / "checkpoint_last.pth"), eval_only=True).run()
     assert tested["metrics"] == trained["metrics"]
+
+
+def test_channels_last_changes_the_layout_only(synthetic_voc, tmp_path):
+    """channels_last: NHWC weights and feature maps with the NCHW model's values (same init, FPN features equal up to
+    fp32 summation order, the same RPN losses on the same batch; the RoI head's losses are left out: its proposal
+    top-k / NMS on a random init is decided by near-ties that summation order can flip)."""
+    small = dict(SMALL_DET, detector="fpn", anchor_sizes=[16, 32, 64, 128, 256], precision="fp32")
+    got = {}
+    for cl in (False, True):
+        cfg = resolve("voc_det", "cpu", flags={"iters": 1, "workers": 0}, overrides=dict(small, channels_last=cl))
+        run = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / str(cl)))
+        run.setup()
+        convs = [m.weight for m in run.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == cl for w in convs if w.shape[-1] > 1)
+        init = {k: v.clone() for k, v in run.model.state_dict().items()}
+        images, targets = next(run._batches(0))
+        run.model.eval()
+        with torch.no_grad():
+            x = run.model.transform(images)[0].tensors
+            feats = run.model.backbone(x)
+        assert all(f.is_contiguous(memory_format=torch.channels_last) == cl for f in feats.values())
+        run.model.train()
+        torch.manual_seed(0)  # the RPN's anchor sampling
+        losses = run.task.losses(run.model, (images, targets), run.device)
+        got[cl] = ({k: v.contiguous() for k, v in feats.items()}, init,
+                   {k: float(losses[k]) for k in ("loss_objectness", "loss_rpn_box_reg")})
+    (fa, sa, la), (fb, sb, lb) = got[False], got[True]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for k in fa:
+        torch.testing.assert_close(fb[k], fa[k], rtol=1e-4, atol=1e-4)
+    assert lb == pytest.approx(la, rel=1e-4)

@@ -70,6 +70,8 @@ class TransferRun:
         model = self.task.build_model(self.weights, len(self.class_names), cfg.arch, self.device).to(self.device)
         if cfg.norm == "syncbn" and self.world > 1 and cfg.task != "voc_seg":
             model = convert_sync_batchnorm(model, self.device)
+        if cfg.channels_last:  # the first convolution's NHWC weight makes every later activation NHWC
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.amp_dtype = devlib.autocast_dtype(self.device, cfg.precision)
         optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.weight_decay_norm,
