@@ -20,15 +20,21 @@ wraps forward + loss in ``torch.autocast("cpu", bfloat16)``, the two lines a use
 pycocotools. Two deliberate deviations, both in the reference's favour: COCOeval runs once at the end instead of
 once per batch, and the thread count is kept (the reference drops to 1 thread while testing).
 
-Each (case, side, round) runs in its own subprocess (its peak RSS is its own, ``ru_maxrss``): ``--warmup``
+Both sides start from the same random init (the two models have identical parameter names and shapes) and test
+the same weights (the first trained model of a case), since a detector's test speed depends on how many boxes pass
+its score threshold. Each (case, side, round) runs in its own subprocess (its peak RSS is its own, ``ru_maxrss``): ``--warmup``
 untimed iterations, ``--iters`` timed ones, then the test of ``--test-images`` images. Rounds alternate which side
-goes first. Ratios are ours / theirs of the per-side medians over rounds.
+goes first. Ratios are ours / theirs of the per-side medians over rounds, from wall-clock time and from the process's
+CPU time (with ``--threads 1`` the CPU time is the work done, much less sensitive to other jobs on a shared machine).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +68,7 @@ def worker_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     from moco_zoo.transfer.engine import TransferRun
+    from moco_zoo.transfer.engine.trainer import Checkpointer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -69,19 +76,25 @@ def worker_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         run = TransferRun(cfg, "random", spec["data_root"], out)
         run.setup()
+        run.model.load_state_dict(torch.load(spec["init_path"], weights_only=True))  # the same init on both sides
+        # checkpoints are not part of an iteration (the reference saves once per epoch): timing the loop only
+        run.trainer.hooks = [h for h in run.trainer.hooks if not isinstance(h, Checkpointer)]
         params = sum(p.numel() for p in run.model.parameters())
         run.trainer.train()  # warm-up iterations
         run.trainer.max_iter = spec["warmup"] + spec["iters"]
         before = run.trainer.train_seconds
-        run.trainer.train()  # timed iterations (train_seconds is the loop alone, not the final checkpoint)
+        c0 = time.process_time()
+        run.trainer.train()  # timed iterations (train_seconds is the loop alone)
+        train_cpu = time.process_time() - c0
         seconds = run.trainer.train_seconds - before
         train_rss = C.peak_rss_mb()
-        t0 = time.perf_counter()
+        _shared_test_weights(run.model, spec["test_path"])
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = run.evaluate()
-        test_s = time.perf_counter() - t0
+        test_s, test_cpu = time.perf_counter() - t0, time.process_time() - c0
         n_test = metrics["num_test_images"]
-    return {"train_s": seconds, "test_s": test_s, "n_test": n_test, "batch": run.total_batch, "params": params,
-            "train_rss_mb": train_rss}
+    return {"train_s": seconds, "test_s": test_s, "train_cpu_s": train_cpu, "test_cpu_s": test_cpu, "n_test": n_test,
+            "batch": run.total_batch, "params": params, "train_rss_mb": train_rss}
 
 
 # ---------------------------------------------------------------------------------------------------- theirs
@@ -274,6 +287,7 @@ def worker_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
     test_loader = DataLoader(test_set, batch_size=1, sampler=SequentialSampler(test_set),
                              num_workers=int(cfg.workers), collate_fn=collate)
     model = _reference_model(cfg, num_classes, spec["arch"])
+    model.load_state_dict(torch.load(spec["init_path"], weights_only=True))
     params_n = sum(p.numel() for p in model.parameters())
     device = torch.device("cpu")
     model.to(device)
@@ -311,13 +325,14 @@ def worker_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     for _ in range(spec["warmup"]):
         step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(spec["iters"]):
         step()
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     train_rss = C.peak_rss_mb()
+    _shared_test_weights(model, spec["test_path"])
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.eval()
     results = []
     with torch.inference_mode():
@@ -349,9 +364,19 @@ def worker_theirs(spec: Dict[str, Any]) -> Dict[str, Any]:
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-    test_s = time.perf_counter() - t0
-    return {"train_s": train_s, "test_s": test_s, "n_test": len(test_set), "batch": batch, "params": params_n,
-            "train_rss_mb": train_rss}
+    test_s, test_cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"train_s": train_s, "test_s": test_s, "train_cpu_s": train_cpu, "test_cpu_s": test_cpu,
+            "n_test": len(test_set), "batch": batch, "params": params_n, "train_rss_mb": train_rss}
+
+
+def _shared_test_weights(model, path: str) -> None:
+    """Both sides test the same weights (the speed of a detector's test depends on how many boxes pass the score
+    threshold): the first trained model of a case is saved, every test loads it."""
+    import torch
+
+    if not Path(path).is_file():
+        torch.save(model.state_dict(), path)
+    model.load_state_dict(torch.load(path, weights_only=True))
 
 
 def mask_utils_encode(m):
@@ -370,7 +395,8 @@ def worker_main(spec_json: str) -> int:
     import torch
 
     res.update(iters_s=spec["iters"] / res["train_s"], train_img_s=spec["iters"] * res["batch"] / res["train_s"],
-               test_img_s=res["n_test"] / res["test_s"], peak_rss_mb=C.peak_rss_mb(),
+               test_img_s=res["n_test"] / res["test_s"], iters_cpu_s=spec["iters"] / res["train_cpu_s"],
+               test_img_cpu_s=res["n_test"] / res["test_cpu_s"], peak_rss_mb=C.peak_rss_mb(),
                threads=torch.get_num_threads())
     print("RESULT " + json.dumps(res), flush=True)
     return 0
@@ -388,6 +414,26 @@ def run_in_subprocess(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
             return json.loads(line[len("RESULT "):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def _write_init(dataset: str, arch: str, prec: str, data_root: str, path: str) -> None:
+    """One random init for both sides (the two models have the same parameter names and shapes; checked by the
+    strict load in each worker)."""
+    import torch
+
+    cfg = _resolve_cfg(dict(dataset=dataset, arch=arch, precision=prec, workers=0, warmup=1, test_images=1))
+    if dataset == "voc":
+        from moco_zoo.data.voc import read_class_list
+
+        num_classes = len(read_class_list(data_root)) + 1
+    else:
+        from pycocotools.coco import COCO
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(Path(data_root) / "annotations" / f"instances_{cfg.test_split}.json"))
+        num_classes = max(gt.cats) + 1
+    torch.manual_seed(0)
+    torch.save(_reference_model(cfg, num_classes, arch).state_dict(), path)
 
 
 def _median(runs: List[Dict[str, Any]], key: str):
@@ -428,12 +474,16 @@ def main(argv=None) -> int:
     for case in [c for c in args.cases.split(",") if c]:
         dataset, arch, prec = case.split(":")
         runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], "theirs": []}
+        tmp = tempfile.mkdtemp(prefix="transfer_vs_tv_")
+        init_path, test_path = os.path.join(tmp, "init.pt"), os.path.join(tmp, "test.pt")
+        _write_init(dataset, arch, prec, roots[dataset], init_path)
         for rnd in range(args.rounds):
             order = ("ours", "theirs") if rnd % 2 == 0 else ("theirs", "ours")
             for side in order:
                 spec = dict(side=side, dataset=dataset, arch=arch, precision=prec, threads=args.threads,
                             workers=args.workers, warmup=args.warmup, iters=args.iters,
-                            test_images=args.test_images, data_root=roots[dataset],
+                            test_images=args.test_images, data_root=roots[dataset], init_path=init_path,
+                            test_path=test_path,
                             sets=ours_sets if side == "ours" else {})
                 r = run_in_subprocess(spec, args.timeout)
                 r["round"] = rnd
@@ -441,17 +491,18 @@ def main(argv=None) -> int:
                 print(f"  {case} round {rnd} {side}: " + (r["error"] if "error" in r else
                       f"{r['iters_s']:.3f} it/s, test {r['test_img_s']:.2f} img/s, {r['peak_rss_mb']:.0f} MiB"),
                       file=sys.stderr, flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         model = f"{'Mask' if dataset == 'coco' else 'Faster'} R-CNN {arch.replace('resnet', 'R')}-FPN"
         for side in ("ours", "theirs"):
             ok = [r for r in runs[side] if "error" not in r]
             row = {"case": case, "model": f"{dataset.upper()} {model}", "precision": prec, "side": side,
                    "batch": ok[0]["batch"] if ok else None, "params": ok[0]["params"] if ok else None,
-                   **{k: _median(ok, k) for k in ("iters_s", "train_img_s", "test_img_s", "train_rss_mb",
-                                                 "peak_rss_mb")},
+                   **{k: _median(ok, k) for k in ("iters_s", "train_img_s", "test_img_s", "iters_cpu_s",
+                                                 "test_img_cpu_s", "train_rss_mb", "peak_rss_mb")},
                    "runs": runs[side]}
             rows.append(row)
         o, t = rows[-2], rows[-1]
-        for key in ("iters_s", "test_img_s"):
+        for key in ("iters_s", "test_img_s", "iters_cpu_s", "test_img_cpu_s"):
             if o[key] and t[key]:
                 o[f"{key}_ratio"] = o[key] / t[key]
         if o["peak_rss_mb"] and t["peak_rss_mb"]:
@@ -462,13 +513,15 @@ def main(argv=None) -> int:
         table.append({"model": o["model"], "precision": o["precision"], "batch": o["batch"],
                       "ours_it": o["iters_s"], "theirs_it": t["iters_s"], "it_ratio": o.get("iters_s_ratio"),
                       "ours_test": o["test_img_s"], "theirs_test": t["test_img_s"],
-                      "test_ratio": o.get("test_img_s_ratio"), "ours_rss": o["peak_rss_mb"],
+                      "test_ratio": o.get("test_img_s_ratio"), "it_cpu_ratio": o.get("iters_cpu_s_ratio"),
+                      "test_cpu_ratio": o.get("test_img_cpu_s_ratio"), "ours_rss": o["peak_rss_mb"],
                       "theirs_rss": t["peak_rss_mb"]})
     print(C.markdown_table(table, ["model", "precision", "batch", "ours_it", "theirs_it", "it_ratio", "ours_test",
-                                   "theirs_test", "test_ratio", "ours_rss", "theirs_rss"],
+                                   "theirs_test", "test_ratio", "it_cpu_ratio", "test_cpu_ratio", "ours_rss",
+                                   "theirs_rss"],
                            ["model", "precision", "batch", "ours it/s", "torchvision ref it/s", "ratio",
-                            "ours test img/s", "ref test img/s", "ratio", "ours peak RSS MiB",
-                            "ref peak RSS MiB"], digits=2))
+                            "ours test img/s", "ref test img/s", "ratio", "train ratio (CPU time)",
+                            "test ratio (CPU time)", "ours peak RSS MiB", "ref peak RSS MiB"], digits=2))
     for r in rows:
         for run in r["runs"]:
             if "error" in run:
