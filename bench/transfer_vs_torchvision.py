@@ -2,7 +2,7 @@
 """Detection transfer throughput: our engine (``transfer/voc_det.py`` / ``coco_det.py``) against torchvision's own
 detection reference training loop, same model, batch, image sizes and precision.
 
-    python bench/transfer_vs_torchvision.py                      # VOC R50-FPN, VOC R18-FPN, COCO Mask R-CNN R50-FPN
+    python bench/transfer_vs_torchvision.py                      # VOC R50-FPN, R18-FPN (bf16), COCO Mask R-CNN, VOC R50 fp32
     python bench/transfer_vs_torchvision.py --cases voc:resnet50:fp32,voc:resnet50:bf16 --rounds 2
     python bench/transfer_vs_torchvision.py --quick              # smoke run
 
@@ -445,7 +445,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.common_args(parser, "transfer_vs_torchvision")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--cases", default="voc:resnet50:bf16,voc:resnet18:bf16,coco:resnet50:bf16",
+    parser.add_argument("--cases", default="voc:resnet50:bf16,voc:resnet18:bf16,coco:resnet50:bf16,voc:resnet50:fp32",
                         help="comma list of dataset:arch:precision (dataset voc or coco; coco is Mask R-CNN)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of both (cpu preset: 0)")
     parser.add_argument("--warmup", type=int, default=2)
