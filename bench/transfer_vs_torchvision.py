@@ -2,7 +2,7 @@
 """Detection transfer throughput: our engine (``transfer/voc_det.py`` / ``coco_det.py``) against torchvision's own
 detection reference training loop, same model, batch, image sizes and precision.
 
-    python bench/transfer_vs_torchvision.py                      # VOC R50-FPN, R18-FPN (bf16), COCO Mask R-CNN, VOC R50 fp32
+    python bench/transfer_vs_torchvision.py       # VOC R50-FPN, R18-FPN (bf16), COCO Mask R-CNN, VOC R50 fp32
     python bench/transfer_vs_torchvision.py --cases voc:resnet50:fp32,voc:resnet50:bf16 --rounds 2
     python bench/transfer_vs_torchvision.py --quick              # smoke run
 
@@ -22,10 +22,11 @@ once per batch, and the thread count is kept (the reference drops to 1 thread wh
 
 Both sides start from the same random init (the two models have identical parameter names and shapes) and test
 the same weights (the first trained model of a case), since a detector's test speed depends on how many boxes pass
-its score threshold. Each (case, side, round) runs in its own subprocess (its peak RSS is its own, ``ru_maxrss``): ``--warmup``
-untimed iterations, ``--iters`` timed ones, then the test of ``--test-images`` images. Rounds alternate which side
-goes first. Ratios are ours / theirs of the per-side medians over rounds, from wall-clock time and from the process's
-CPU time (with ``--threads 1`` the CPU time is the work done, much less sensitive to other jobs on a shared machine).
+its score threshold. Each (case, side, round) runs in its own subprocess (its peak RSS is its own,
+``ru_maxrss``): ``--warmup`` untimed iterations, ``--iters`` timed ones, then the test of ``--test-images`` images.
+Rounds alternate which side goes first. Ratios are ours / theirs of the per-side medians over rounds, from
+wall-clock time and from the process's CPU time (with ``--threads 1`` the CPU time is the work done, much less
+sensitive to other jobs on a shared machine).
 """
 from __future__ import annotations
 
@@ -183,7 +184,6 @@ class _CocoTargets:
         return len(self.dataset)
 
     def __getitem__(self, i):
-        import numpy as np
         import torch
         from pycocotools import mask as mask_utils
 
