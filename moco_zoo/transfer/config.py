@@ -76,6 +76,7 @@ class TransferConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    channels_last: bool = False  # NHWC weights and activations (oneDNN bf16 / tensor cores run NHWC natively)
     threads: Optional[int] = None
     workers: int = 4
     checkpoint_period: int = 2000

@@ -69,6 +69,7 @@ KEY_MAP: Dict[str, str] = {
     "weight_decay_norm": "SOLVER.WEIGHT_DECAY_NORM", "clip_grad_norm": "global-norm clipping in the optimizer step",
     "precise_bn_iters": "TEST.PRECISE_BN", "device": "MODEL.DEVICE",
     "precision": "SOLVER.AMP.ENABLED (fp16 on CUDA; auto = fp16 on CUDA, fp32 on CPU)",
+    "channels_last": "the built model converted to torch.channels_last",
     "threads": "torch.set_num_threads", "workers": "DATALOADER.NUM_WORKERS",
     "checkpoint_period": "SOLVER.CHECKPOINT_PERIOD", "log_period": "the PeriodicWriter period",
     "eval_period": "(refused unless 0)", "test_batch_size": "(refused unless 1)",
@@ -365,6 +366,11 @@ def run_detectron2(cfg: Any, weights: str, data_root: str, out_dir, *, resume: b
         @classmethod
         def build_evaluator(cls, c, dataset_name, output_folder=None):
             return adapter
+
+        @classmethod
+        def build_model(cls, c):
+            model = super().build_model(c)
+            return model.to(memory_format=torch.channels_last) if cfg["channels_last"] else model
 
         @classmethod
         def build_optimizer(cls, c, model):

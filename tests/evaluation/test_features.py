@@ -69,3 +69,35 @@ def test_missing_split_is_one_clear_error(tmp_path):
     (tmp_path / "d" / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="train/ and val/"):
         feat_mod.data_root(_cfg(tmp_path / "d", tmp_path))
+
+
+def _plain_fp32_features(cfg, seed):
+    """The independent expectation: a plain ``torch.no_grad()`` fp32 NCHW loop over the same DataLoader."""
+    import moco_zoo
+    from moco_zoo.pretrain.data import make_loader
+
+    model = moco_zoo.load_backbone("random", cfg.arch, num_classes=0, seed=seed).eval()
+    out = {}
+    with torch.no_grad():
+        for split, ds in feat_mod.eval_datasets(cfg).items():
+            loader = make_loader(ds, batch_size=cfg.batch_size, workers=0)
+            out[split] = torch.cat([model(x) for x, _, _ in loader])
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fast_extraction_matches_a_plain_fp32_loop(eval_imagefolder, tmp_path, precision):
+    """channels_last + inference mode (+ bf16 autocast) give the plain fp32 loop's features: exactly up to fp32
+    rounding, and within bf16's precision (8-bit mantissa, errors accumulated over 18 layers) under bf16."""
+    cfg = _cfg(eval_imagefolder, tmp_path, precision=precision, channels_last=True, batch_size=32, chunk_size=64)
+    fs = feat_mod.extract_cached(cfg, seed=5)
+    ref = _plain_fp32_features(cfg, 5)
+    for got, want in ((fs.train, ref["train"]), (fs.test, ref["val"])):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        if precision == "fp32":
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            scale = want.abs().mean()
+            assert (got - want).abs().mean() < 0.02 * scale
+            assert torch.nn.functional.cosine_similarity(got, want, dim=1).min() > 0.995
+            assert not torch.equal(got, want)  # bf16 was in effect

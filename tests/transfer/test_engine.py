@@ -83,3 +83,64 @@ def test_eval_only_on_the_final_checkpoint_reproduces_the_run_with_precise_bn(sy
     tested = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / "again"),
                          resume=str(tmp_path / "checkpoint_last.pth"), eval_only=True).run()
     assert tested["metrics"] == trained["metrics"]
+
+
+def test_channels_last_changes_the_layout_only(synthetic_voc, tmp_path):
+    """channels_last: NHWC weights and feature maps with the NCHW model's values (same init, FPN features equal up to
+    fp32 summation order, the same RPN losses on the same batch; the RoI head's losses are left out: its proposal
+    top-k / NMS on a random init is decided by near-ties that summation order can flip)."""
+    small = dict(SMALL_DET, detector="fpn", anchor_sizes=[16, 32, 64, 128, 256], precision="fp32")
+    got = {}
+    for cl in (False, True):
+        cfg = resolve("voc_det", "cpu", flags={"iters": 1, "workers": 0}, overrides=dict(small, channels_last=cl))
+        run = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path / str(cl)))
+        run.setup()
+        convs = [m.weight for m in run.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == cl for w in convs if w.shape[-1] > 1)
+        init = {k: v.clone() for k, v in run.model.state_dict().items()}
+        images, targets = next(run._batches(0))
+        run.model.eval()
+        with torch.no_grad():
+            x = run.model.transform(images)[0].tensors
+            feats = run.model.backbone(x)
+        assert all(f.is_contiguous(memory_format=torch.channels_last) == cl for f in feats.values())
+        run.model.train()
+        torch.manual_seed(0)  # the RPN's anchor sampling
+        losses = run.task.losses(run.model, (images, targets), run.device)
+        got[cl] = ({k: v.contiguous() for k, v in feats.items()}, init,
+                   {k: float(losses[k]) for k in ("loss_objectness", "loss_rpn_box_reg")})
+    (fa, sa, la), (fb, sb, lb) = got[False], got[True]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for k in fa:
+        torch.testing.assert_close(fb[k], fa[k], rtol=1e-4, atol=1e-4)
+    assert lb == pytest.approx(la, rel=1e-4)
+
+
+def test_fused_sgd_makes_the_default_sgd_update(synthetic_voc, tmp_path):
+    """The engine's optimizer is the fused SGD kernel where the device has one; its steps (momentum, per-group weight
+    decay, per-group lr) equal torch.optim.SGD's default implementation on a copy of the parameters."""
+    from moco_zoo.pretrain.engine import fused_sgd_supported
+
+    cfg = resolve("voc_det", "cpu", flags={"iters": 1, "workers": 0}, overrides=dict(SMALL_DET, weight_decay=0.01))
+    run = TransferRun(cfg, "random", str(synthetic_voc), str(tmp_path))
+    run.setup()
+    opt = run.trainer.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(g["fused"] for g in opt.param_groups) == fused_sgd_supported(params)
+    assert len({g["weight_decay"] for g in opt.param_groups}) == 2  # norm parameters have their own group
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    it = iter(copies)
+    ref = torch.optim.SGD([dict(g, params=[next(it) for _ in g["params"]], fused=None, foreach=False)
+                           for g in opt.param_groups], lr=opt.defaults["lr"], momentum=opt.defaults["momentum"])
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        for p, c in zip(params, copies):
+            # in the parameter's layout (NHWC under channels_last), as autograd's gradient layout contract makes them
+            p.grad = torch.empty_like(p).normal_(generator=g)
+            c.grad = p.grad.clone()
+        for group, ref_group in zip(opt.param_groups, ref.param_groups):
+            group["lr"] = ref_group["lr"] = 0.1 * (step + 1) * group["lr_mult"]
+        opt.step()
+        ref.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-6, atol=1e-7)
