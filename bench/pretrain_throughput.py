@@ -11,8 +11,19 @@ Two modes per configuration (``--configs``, default ResNet-50 at 224 px and ResN
   generated with ``moco_zoo.data.write_imagefolder`` (cached under ``$MOCO_ZOO_DATA/bench`` or ``~/.cache/moco_zoo/data/bench``; ``--data-dir``).
 * ``step``: the MoCo step alone on in-memory tensors (forward of both encoders, InfoNCE loss, backward, SGD step,
   momentum update, queue update).
-* ``step-ab``: the step of ours (every variant) and of the reference built in ONE process, single steps alternating
+* ``step-ab``: the step of ours (every variant) and of every peer built in ONE process, single steps alternating
   round-robin: the per-round ratio is meaningful even on a machine shared with other jobs.
+* ``e2e-ab``: the same, each step first taking its next batch from its own 0-worker DataLoader (decode and the
+  whole augmentation inside the timed, alternating steps; CPU time then covers all the work).
+
+Peers (``--peers``, the alternatives a user would pick): ``moco-fp32`` is the original code as shipped;
+``moco-bf16-cl`` the same code with bf16 autocast around its train loop and a channels_last model and inputs, added
+by this harness (two lines a user would add); ``lightly-bf16-cl`` (and ``lightly-fp32``) is MoCo v2 assembled from
+lightly's own building blocks (``MoCoProjectionHead``, ``NTXentLoss`` with its ``MemoryBankModule`` queue of K keys,
+``update_momentum``, ``batch_shuffle``) in a plain PyTorch loop as lightly's examples/pytorch/moco.py and
+benchmarks/imagenet/resnet50/mocov2.py do, with lightly's ``MoCoV2Transform`` (the MoCo v2 recipe) and a
+torchvision ResNet of the same arch. Every implementation uses the same batch, crop size, queue size K, SGD
+(lr 0.03 x batch / 256, momentum 0.9, weight decay 1e-4), images and DataLoader worker count.
 
 Every measurement runs in its own subprocess (so ``ru_maxrss`` is that configuration's peak memory and nothing
 leaks between runs), with the same torch threads and the same number of DataLoader workers for ours and the
@@ -450,21 +461,47 @@ def run_lightly(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ interleaved A/B
-def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Step mode with ours (each variant) and the reference in ONE process, steps alternating round-robin.
+class Batches:
+    """``next()`` over a DataLoader forever (a new pass when one ends), optionally with channels_last views."""
 
-    On a loaded machine, sequential runs see different load; alternating single steps gives every implementation the
-    same conditions, so the per-round ratio ours/reference is meaningful even when absolute img/s are not.
+    def __init__(self, loader, channels_last: bool = False) -> None:
+        self.loader, self.channels_last, self.it = loader, channels_last, iter(loader)
+
+    def next(self):
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            batch = next(self.it)
+        if self.channels_last:
+            import torch
+
+            views, target = batch
+            batch = [v.contiguous(memory_format=torch.channels_last) for v in views], target
+        return batch
+
+
+def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Ours (each variant) and the peers in ONE process, single steps alternating round-robin.
+
+    ``step-ab``: the step alone on fixed in-memory tensors. ``e2e-ab``: each step first takes its next batch from its
+    own DataLoader (0 workers: JPEG decode and augmentation in this process, inside the timed step), so a step's
+    wall and CPU time cover the whole pipeline. On a loaded machine, sequential runs see different load; alternating
+    single steps gives every implementation the same conditions, so the per-round ratio is meaningful even when
+    absolute img/s are not, and CPU time (this process does all the work) does not count time spent descheduled.
     """
     import statistics
 
     import torch
     import torch.nn as nn
+    import torchvision.datasets as datasets
     import torchvision.models as models
+    import torchvision.transforms as transforms
 
     from moco_zoo.pretrain.config import make_config
     from moco_zoo.pretrain.engine import Trainer
 
+    e2e = spec["mode"] == "e2e-ab"
     g = torch.Generator().manual_seed(0)
     b, s = spec["batch_size"], spec["image_size"]
     images = [torch.randn(b, 3, s, s, generator=g), torch.randn(b, 3, s, s, generator=g)]
@@ -478,11 +515,22 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
                 image_size=s, batch_size=b, moco_k=spec["K"], shuffle_bn=spec["shuffle_bn"],
                 shuffle_groups=spec["shuffle_groups"], workers=0, device="cpu", precision=var["precision"],
                 channels_last=var["channels_last"], compile=var["compile"], epochs=1000, knn_every=0,
+                augment_backend=var.get("augment", "pil") if e2e else "pil",
+                keep_host_memory=var.get("keep_host_memory", True),
                 progress=False, plots=False, output_dir=f"{tmp}/{v}", seed=0)
             tr = Trainer(cfg)
             tr.model.train()
             trainers.append(tr)
-            steps[f"ours {v}"] = (lambda tr=tr: tr.train_step(images, torch.arange(b)))
+            if e2e:
+                tr.sampler.set_epoch(0)
+
+                def ours_step(tr=tr, batches=Batches(tr.loader)):
+                    views, _, index = batches.next()
+                    return tr.train_step(views, index)
+            else:
+                def ours_step(tr=tr):
+                    return tr.train_step(images, torch.arange(b))
+            steps[f"ours {v}"] = ours_step
         peers = spec.get("peers") or []
         if any(PEERS[p]["impl"] == "reference" for p in peers):
             # After our Trainers are built (the gloo group below makes moco_zoo.device report "distributed" with
@@ -490,32 +538,49 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
             moco, main_moco = setup_reference(spec["reference"], tmp)
         for p in peers:
             peer = PEERS[p]
-            views = images
-            if peer["channels_last"]:
-                views = [x.contiguous(memory_format=torch.channels_last) for x in images]
+            cl = peer["channels_last"]
+            fixed = ([x.contiguous(memory_format=torch.channels_last) for x in images] if cl else images,
+                     torch.zeros(b, dtype=torch.long))
             if peer["impl"] == "lightly":
-                lightly_step = build_lightly(spec, peer["precision"], peer["channels_last"])
-                steps[p] = (lambda fn=lightly_step, v=views, prec=peer["precision"]: fn(*v))
+                lightly_step = build_lightly(spec, peer["precision"], cl)
+                if e2e:
+                    loader = torch.utils.data.DataLoader(
+                        datasets.ImageFolder(spec["data"], transform=lightly_transform(s)), batch_size=b,
+                        shuffle=True, drop_last=True, num_workers=0)
+
+                    def peer_step(fn=lightly_step, batches=Batches(loader, cl)):
+                        return fn(*batches.next()[0])
+                else:
+                    def peer_step(fn=lightly_step, views=fixed[0]):
+                        return fn(*views)
+                steps[p] = peer_step
                 continue
             mlp = spec["moco_version"] == "v2"
             model = moco.builder.MoCo(models.__dict__[spec["arch"].split(":")[-1]], 128, spec["K"], 0.999,
                                       0.2 if mlp else 0.07, mlp)
-            if peer["channels_last"]:
+            if cl:
                 model = model.to(memory_format=torch.channels_last)
             if spec.get("ref_ddp", True):
                 model = torch.nn.parallel.DistributedDataParallel(model)
             criterion = nn.CrossEntropyLoss()
             optimizer = torch.optim.SGD(model.parameters(), 0.03 * b / 256, momentum=0.9, weight_decay=1e-4)
             args = argparse.Namespace(gpu=None, print_freq=10 ** 9)
+            batches = None
+            if e2e:
+                batches = Batches(torch.utils.data.DataLoader(
+                    datasets.ImageFolder(spec["data"], moco.loader.TwoCropsTransform(
+                        transforms.Compose(reference_augmentation(moco.loader, mlp, s)))),
+                    batch_size=b, shuffle=True, num_workers=0, pin_memory=True, drop_last=True), cl)
 
-            def ref_step(model=model, criterion=criterion, optimizer=optimizer, args=args,
-                         batch=(views, torch.zeros(b, dtype=torch.long)), precision=peer["precision"]):
+            def ref_step(model=model, criterion=criterion, optimizer=optimizer, args=args, batches=batches,
+                         fixed=fixed, precision=peer["precision"]):
+                batch = batches.next() if batches is not None else fixed
                 with contextlib.redirect_stdout(sys.stderr), peer_autocast(precision):
                     main_moco.train(TimedLoader(MemoryLoader(batch), 0, 1), model, criterion, optimizer, 0, args)
 
             steps[p] = ref_step
         primary = next(iter(steps))
-        flops = count_step_flops(steps[primary]) if spec.get("count_flops", True) else None
+        flops = count_step_flops(steps[primary]) if spec.get("count_flops", True) and not e2e else None
         for _ in range(spec["warmup"]):
             for fn in steps.values():
                 fn()
@@ -609,7 +674,9 @@ def main(argv=None) -> int:
                         help=f"comma list of ARCH@SIZE[:bBATCH][:kK][:sSOURCE_PX] (default {DEFAULT_CONFIGS})")
     parser.add_argument("--modes", default="e2e,step",
                         help="e2e (JPEG decode + augment + step), step (in-memory tensors), step-ab (ours and the "
-                             "reference in one process, alternating steps: the ratio to trust on a loaded machine)")
+                             "peers in one process, alternating steps: the ratio to trust on a loaded machine), "
+                             "e2e-ab (the same with each step taking its next batch from its own 0-worker "
+                             "DataLoader: decode + augmentation inside the alternating steps)")
     parser.add_argument("--variants", default="fp32,bf16-cl", help=f"our variants: {','.join(VARIANTS)}")
     parser.add_argument("--peers", default=DEFAULT_PEERS,
                         help=f"alternatives to compare with: {','.join(PEERS)} (moco-* need --reference, lightly-* "
@@ -679,7 +746,7 @@ def main(argv=None) -> int:
         n_train = max(4 * cfg["batch_size"] * (args.warmup + steps) // 3, 64)
         data = str(ensure_imagefolder(Path(args.data_dir), int(n_train / 0.75) + 16, cfg["source_size"]))
         for mode in modes:
-            if mode == "step-ab":
+            if mode in ("step-ab", "e2e-ab"):
                 spec = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"],
                             K=cfg["K"], moco_version=args.moco_version, data=data, warmup=max(1, args.warmup),
                             steps=max(steps, 3), threads=args.threads, shuffle_bn=args.shuffle_bn,
@@ -687,12 +754,12 @@ def main(argv=None) -> int:
                             variants=variants, peers=peers, impl="ab", mode=mode)
                 r = run_in_subprocess(spec, args.timeout)
                 if "error" in r:
-                    print(f"  step-ab {cfg['name']}: {r['error']}", file=sys.stderr)
-                    ab_rows.append({"config": cfg["name"], "impl": "-", "error": r["error"]})
+                    print(f"  {mode} {cfg['name']}: {r['error']}", file=sys.stderr)
+                    ab_rows.append({"config": cfg["name"], "mode": mode, "impl": "-", "error": r["error"]})
                     continue
                 for k, v in r["impls"].items():
                     gf = v.get("gflops_median")
-                    ab_rows.append({"config": cfg["name"], "impl": k, "img_s_median": v["img_s_median"],
+                    ab_rows.append({"config": cfg["name"], "mode": mode, "impl": k, "img_s_median": v["img_s_median"],
                                     "img_s_best": v["img_s_best"], "img_per_cpu_s": v["img_per_cpu_s"],
                                     "gflops": gf, "pct_peak": 100.0 * gf / peak if gf and peak else None,
                                     "ratio_median": v["primary_ratio_median"],
@@ -751,11 +818,11 @@ def main(argv=None) -> int:
                                 "peak RSS MiB (largest worker)", "step model GFLOP/s", "% bf16 matmul peak",
                                 "img/CPU-s (main proc)"], digits=2))
     if ab_rows:
-        print(f"\n### step-ab: every implementation in one process, single steps alternating; ratio = {primary} / "
-              "this (median of per-round ratios)\n")
-        print(C.markdown_table(ab_rows, ["config", "impl", "img_s_median", "img_s_best", "img_per_cpu_s",
+        print(f"\n### step-ab / e2e-ab: every implementation in one process, single steps alternating; ratio = "
+              f"{primary} / this (median of per-round ratios)\n")
+        print(C.markdown_table(ab_rows, ["config", "mode", "impl", "img_s_median", "img_s_best", "img_per_cpu_s",
                                          "gflops", "pct_peak", "ratio_median", "ratio_cpu_median", "error"],
-                               ["config", "implementation", "img/s (median step)", "img/s (best step)",
+                               ["config", "mode", "implementation", "img/s (median step)", "img/s (best step)",
                                 "img/CPU-s", "model GFLOP/s (median step)", "% bf16 matmul peak",
                                 "ours / this (wall)", "ours / this (CPU time)", "error"], digits=2))
     for r in rows:
