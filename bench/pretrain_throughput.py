@@ -581,9 +581,13 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
             steps[p] = ref_step
         primary = next(iter(steps))
         flops = count_step_flops(steps[primary]) if spec.get("count_flops", True) and not e2e else None
-        for _ in range(spec["warmup"]):
-            for fn in steps.values():
+        first_s: Dict[str, float] = {}  # the first step of each (torch.compile: includes compiling)
+        for i in range(spec["warmup"]):
+            for k, fn in steps.items():
+                t0 = time.perf_counter()
                 fn()
+                if i == 0:
+                    first_s[k] = time.perf_counter() - t0
         walls: Dict[str, List[float]] = {k: [] for k in steps}
         cpus: Dict[str, List[float]] = {k: [] for k in steps}
         for _ in range(spec["steps"]):
@@ -598,6 +602,7 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
     for k in steps:
         out["impls"][k] = {"img_s_median": b / statistics.median(walls[k]), "img_s_best": b / min(walls[k]),
                            "img_per_cpu_s": b / statistics.median(cpus[k]), "walls": walls[k], "cpus": cpus[k],
+                           "first_step_s": first_s.get(k),
                            # how many times faster the primary (first) ours variant ran than this implementation:
                            # median over rounds of the two steps' wall (and CPU) time ratio in that round
                            "primary_ratio_median": statistics.median(
@@ -606,6 +611,9 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
                                [t / o for o, t in zip(cpus[primary], cpus[k])])}
         if flops:
             out["impls"][k]["gflops_median"] = flops / statistics.median(walls[k]) / 1e9
+            # CPU-time rate: FLOPs over (CPU seconds / threads), i.e. the rate while this process actually ran on
+            # its cores; on a machine shared with other jobs it estimates the unshared rate (wall time does not)
+            out["impls"][k]["gflops_cpu_median"] = flops / (statistics.median(cpus[k]) / torch.get_num_threads()) / 1e9
     out["seconds"] = sum(sum(w) for w in walls.values())
     out["cpu_seconds"] = sum(sum(c) for c in cpus.values())
     return out
@@ -762,7 +770,9 @@ def main(argv=None) -> int:
                     ab_rows.append({"config": cfg["name"], "mode": mode, "impl": k, "img_s_median": v["img_s_median"],
                                     "img_s_best": v["img_s_best"], "img_per_cpu_s": v["img_per_cpu_s"],
                                     "gflops": gf, "pct_peak": 100.0 * gf / peak if gf and peak else None,
-                                    "ratio_median": v["primary_ratio_median"],
+                                    "pct_peak_cpu": 100.0 * v["gflops_cpu_median"] / peak
+                                    if v.get("gflops_cpu_median") and peak else None,
+                                    "first_step_s": v.get("first_step_s"), "ratio_median": v["primary_ratio_median"],
                                     "ratio_cpu_median": v["primary_ratio_cpu_median"], "raw": v})
                 continue
             base = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"], K=cfg["K"],
@@ -821,10 +831,13 @@ def main(argv=None) -> int:
         print(f"\n### step-ab / e2e-ab: every implementation in one process, single steps alternating; ratio = "
               f"{primary} / this (median of per-round ratios)\n")
         print(C.markdown_table(ab_rows, ["config", "mode", "impl", "img_s_median", "img_s_best", "img_per_cpu_s",
-                                         "gflops", "pct_peak", "ratio_median", "ratio_cpu_median", "error"],
+                                         "gflops", "pct_peak", "pct_peak_cpu", "ratio_median", "ratio_cpu_median",
+                                         "first_step_s", "error"],
                                ["config", "mode", "implementation", "img/s (median step)", "img/s (best step)",
-                                "img/CPU-s", "model GFLOP/s (median step)", "% bf16 matmul peak",
-                                "ours / this (wall)", "ours / this (CPU time)", "error"], digits=2))
+                                "img/CPU-s", "model GFLOP/s (median step)", "% bf16 matmul peak (wall)",
+                                "% bf16 matmul peak (CPU time / threads)",
+                                "ours / this (wall)", "ours / this (CPU time)",
+                                "first step s (incl. torch.compile)", "error"], digits=2))
     for r in rows:
         if r.get("error"):
             print(f"\n{r['config']} {r['mode']} {r['impl']}: {r['error']}")
