@@ -285,3 +285,24 @@ class BatchedPhotometric:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(recipe={self.recipe.name!r}, blur taps={2 * self.radius + 1})"
+
+
+class PhotometricCollate:
+    """DataLoader ``collate_fn`` that runs :class:`BatchedPhotometric` on each collated batch inside the loader
+    workers: ``[(views, params), target, index] -> [[im_q, im_k], targets, indices]``.
+
+    For CPU training with loader workers: each worker runs the colour ops on its whole batch with one thread, in
+    parallel with the training step, instead of between steps in the training process (where, with several
+    threads on a busy machine, the many short parallel kernels wait on each other). The ops have no randomness of
+    their own (their parameters come with the views), so the output is the same wherever they run."""
+
+    def __init__(self, photometric: BatchedPhotometric, channels_last: bool = False) -> None:
+        self.photometric, self.channels_last = photometric, channels_last
+
+    def __call__(self, samples):
+        from torch.utils.data import default_collate
+
+        images, targets, indices = default_collate(samples)
+        with torch.no_grad():
+            views = self.photometric(images, "cpu", self.channels_last)
+        return views, targets, indices

@@ -207,10 +207,11 @@ def _worker_init(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batch_sampler: Optional[Sampler] = None, *, batch_size: int = 1,
                 workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                seed: int = 0, shuffle: bool = False) -> DataLoader:
+                seed: int = 0, shuffle: bool = False, collate_fn: Optional[Callable] = None) -> DataLoader:
     """DataLoader that never draws from the global torch generator (so the training RNG stream is unaffected)."""
     kw: dict = dict(num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                    generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init)
+                    generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init,
+                    collate_fn=collate_fn)
     if workers > 0:
         kw["persistent_workers"] = persistent_workers
         kw["prefetch_factor"] = 2
