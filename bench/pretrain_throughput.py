@@ -581,6 +581,22 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
             steps[p] = ref_step
         primary = next(iter(steps))
         flops = count_step_flops(steps[primary]) if spec.get("count_flops", True) and not e2e else None
+        peak_flops = None
+        if spec.get("ab_peak") and flops:
+            # The machine's bf16 matmul rate measured in the same rounds (bench/machine_peak.py's 1024^3 bf16
+            # matmul, repeated for about the FLOPs of one step): "% of peak" per round is then robust to other
+            # jobs on the machine, which slow the matmul as much as the step.
+            a = torch.randn(1024, 1024).to(torch.bfloat16)
+            m = torch.randn(1024, 1024).to(torch.bfloat16)
+            out_mm = torch.empty(1024, 1024, dtype=torch.bfloat16)
+            reps = max(1, int(flops / (2 * 1024 ** 3)))
+            peak_flops = reps * 2.0 * 1024 ** 3
+
+            def matmul_peak(reps=reps):
+                for _ in range(reps):
+                    torch.matmul(a, m, out=out_mm)
+
+            steps["bf16 matmul (peak)"] = matmul_peak
         first_s: Dict[str, float] = {}  # the first step of each (torch.compile: includes compiling)
         for i in range(spec["warmup"]):
             for k, fn in steps.items():
@@ -614,6 +630,12 @@ def run_ab(spec: Dict[str, Any]) -> Dict[str, Any]:
             # CPU-time rate: FLOPs over (CPU seconds / threads), i.e. the rate while this process actually ran on
             # its cores; on a machine shared with other jobs it estimates the unshared rate (wall time does not)
             out["impls"][k]["gflops_cpu_median"] = flops / (statistics.median(cpus[k]) / torch.get_num_threads()) / 1e9
+            if peak_flops:  # this step's FLOP rate over the matmul's in the same round, median over rounds
+                mm = walls["bf16 matmul (peak)"]
+                f = peak_flops if k == "bf16 matmul (peak)" else flops
+                out["impls"][k]["pct_round_peak_median"] = 100.0 * statistics.median(
+                    [(f / w) / (peak_flops / p) for w, p in zip(walls[k], mm)])
+                out["impls"][k]["peak_gflops_median"] = peak_flops / statistics.median(mm) / 1e9
     out["seconds"] = sum(sum(w) for w in walls.values())
     out["cpu_seconds"] = sum(sum(c) for c in cpus.values())
     return out
@@ -689,6 +711,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", default=DEFAULT_PEERS,
                         help=f"alternatives to compare with: {','.join(PEERS)} (moco-* need --reference, lightly-* "
                              "need `pip install lightly`, the bench extra)")
+    parser.add_argument("--ab-peak", action="store_true",
+                        help="step-ab: also time bench/machine_peak.py's bf16 matmul in the alternating rounds and "
+                             "report each step's FLOP rate as a share of it (robust to other jobs on the machine)")
     parser.add_argument("--moco-version", default="v2", choices=("v1", "v2"), help="head, T and augmentation")
     parser.add_argument("--shuffle-bn", default="split", choices=("split", "off"),
                         help="our single-process shuffle BN (the reference runs its DDP shuffle on one rank)")
@@ -759,21 +784,26 @@ def main(argv=None) -> int:
                             K=cfg["K"], moco_version=args.moco_version, data=data, warmup=max(1, args.warmup),
                             steps=max(steps, 3), threads=args.threads, shuffle_bn=args.shuffle_bn,
                             shuffle_groups=args.shuffle_groups, reference=args.reference, ref_ddp=args.ref_ddp,
-                            variants=variants, peers=peers, impl="ab", mode=mode)
+                            variants=variants, peers=peers, impl="ab", mode=mode, ab_peak=args.ab_peak)
                 r = run_in_subprocess(spec, args.timeout)
                 if "error" in r:
                     print(f"  {mode} {cfg['name']}: {r['error']}", file=sys.stderr)
                     ab_rows.append({"config": cfg["name"], "mode": mode, "impl": "-", "error": r["error"]})
                     continue
                 for k, v in r["impls"].items():
+                    if k == "bf16 matmul (peak)":  # not a MoCo step: no step ratio, its own FLOP rate
+                        v = dict(v, gflops_median=v.get("peak_gflops_median"), gflops_cpu_median=None,
+                                 img_s_median=None, img_s_best=None, img_per_cpu_s=None,
+                                 primary_ratio_median=None, primary_ratio_cpu_median=None)
                     gf = v.get("gflops_median")
                     ab_rows.append({"config": cfg["name"], "mode": mode, "impl": k, "img_s_median": v["img_s_median"],
                                     "img_s_best": v["img_s_best"], "img_per_cpu_s": v["img_per_cpu_s"],
                                     "gflops": gf, "pct_peak": 100.0 * gf / peak if gf and peak else None,
                                     "pct_peak_cpu": 100.0 * v["gflops_cpu_median"] / peak
                                     if v.get("gflops_cpu_median") and peak else None,
-                                    "first_step_s": v.get("first_step_s"), "ratio_median": v["primary_ratio_median"],
-                                    "ratio_cpu_median": v["primary_ratio_cpu_median"], "raw": v})
+                                    "pct_round_peak": v.get("pct_round_peak_median"),
+                                    "first_step_s": v.get("first_step_s"), "ratio_median": v.get("primary_ratio_median"),
+                                    "ratio_cpu_median": v.get("primary_ratio_cpu_median"), "raw": v})
                 continue
             base = dict(arch=cfg["arch"], image_size=cfg["image_size"], batch_size=cfg["batch_size"], K=cfg["K"],
                         moco_version=args.moco_version, aug=args.moco_version, mode=mode, data=data,
@@ -831,11 +861,13 @@ def main(argv=None) -> int:
         print(f"\n### step-ab / e2e-ab: every implementation in one process, single steps alternating; ratio = "
               f"{primary} / this (median of per-round ratios)\n")
         print(C.markdown_table(ab_rows, ["config", "mode", "impl", "img_s_median", "img_s_best", "img_per_cpu_s",
-                                         "gflops", "pct_peak", "pct_peak_cpu", "ratio_median", "ratio_cpu_median",
+                                         "gflops", "pct_peak", "pct_peak_cpu", "pct_round_peak", "ratio_median",
+                                         "ratio_cpu_median",
                                          "first_step_s", "error"],
                                ["config", "mode", "implementation", "img/s (median step)", "img/s (best step)",
                                 "img/CPU-s", "model GFLOP/s (median step)", "% bf16 matmul peak (wall)",
                                 "% bf16 matmul peak (CPU time / threads)",
+                                "% of the bf16 matmul measured in the same rounds",
                                 "ours / this (wall)", "ours / this (CPU time)",
                                 "first step s (incl. torch.compile)", "error"], digits=2))
     for r in rows:
