@@ -73,6 +73,7 @@ VARIANTS = {
     # --augment batched: workers crop/resize/flip uint8 views, colour jitter + grayscale + blur batched in the step's
     # process (e2e only; in step mode there is no augmentation to time)
     "bf16-cl-batched": dict(precision="bf16", channels_last=True, compile=False, augment="batched"),
+    "bf16-cl-batched-compile": dict(precision="bf16", channels_last=True, compile=True, augment="batched"),
     # glibc's default allocator behaviour (--no-keep-host-memory): freed activations go back to the OS every step
     "bf16-cl-malloc-default": dict(precision="bf16", channels_last=True, compile=False, keep_host_memory=False),
 }

@@ -8,6 +8,7 @@ sampler can restart in the middle of an epoch (``set_epoch(epoch, start_step)``)
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 from pathlib import Path
@@ -72,8 +73,8 @@ def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB; a file PIL cannot decode raises :class:`CorruptImageError` naming it."""
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")  # forces the full decode inside the try
+            data = f.read()  # one read: PIL parses the JPEG markers with many small reads of the file object
+        return Image.open(io.BytesIO(data)).convert("RGB")  # forces the full decode inside the try
     except PermissionError as e:
         raise DataError(f"{path}: image file is not readable (permission denied)") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
