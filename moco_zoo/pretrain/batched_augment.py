@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision import transforms as T
 
 from .augment import (BLUR_SIGMA, CROP_SCALE, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, V1_JITTER,
@@ -300,8 +301,6 @@ class PhotometricCollate:
         self.photometric, self.channels_last = photometric, channels_last
 
     def __call__(self, samples):
-        from torch.utils.data import default_collate
-
         images, targets, indices = default_collate(samples)
         with torch.no_grad():
             views = self.photometric(images, "cpu", self.channels_last)
