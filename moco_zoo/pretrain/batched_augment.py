@@ -3,7 +3,8 @@
 The PIL pipeline of :mod:`moco_zoo.pretrain.augment` spends most of its time on colour jitter and blur, one image at a time,
 in DataLoader workers that compete with the training step for the same CPU cores. Here the loader only decodes,
 crops, resizes and flips (on uint8 tensors) and draws the photometric parameters; the colour jitter, grayscale and
-Gaussian blur then run on the whole batch at once on the training device (``--augment batched``).
+Gaussian blur then run on the whole batch at once on the training device (``--augment batched``); when training on
+the CPU with loader workers, each worker runs them on its batch (:class:`PhotometricCollate`).
 
 The distributions are the recipes' (MoCo v1, arXiv:1911.05722 Sec. 4; MoCo v2 "aug+", arXiv:2003.04297; MoCo v3's
 asymmetric BYOL recipe, arXiv:2104.02057, whose second view also solarizes): the
