@@ -55,6 +55,7 @@ test-all: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/machine_peak.py
 	$(PY) bench/augment_throughput.py
 	$(PY) bench/pretrain_throughput.py

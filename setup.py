@@ -38,6 +38,8 @@ setup(
     extras_require={
         # transformers: the test that a published folder loads through TimmWrapperModel
         "test": ["pytest>=7.0", "pytest-timeout>=2.1", "transformers>=4.47"],
+        # bench/pretrain_throughput.py's lightly peers (lightly's MoCo head, memory bank and momentum utilities)
+        "bench": ["lightly>=1.6"],
     },
     entry_points={"console_scripts": ["moco-zoo=moco_zoo.cli:main"]},
 )

@@ -15,6 +15,8 @@ Sections (each prints a table; best-of-N wall time and the process CPU time of t
   divide (the original code) vs one mm against the queue without a clone (ours), fp32 and bf16.
 * ``sgd``: torch.optim.SGD (momentum, weight decay) with the default CPU implementation, foreach=True, fused=True.
 * ``compile``: torch.compile of the encoder (forward+backward), compile time and steady-state speed.
+* ``profile``: ours' whole MoCo v2 step (ResNet-50 @ 224, bf16 + channels_last) under torch.profiler, per op: share
+  of the step and the FLOP rate of the ops that carry FLOPs (what keeps the step below the matmul peak).
 * ``loader``: DataLoader start-up cost (time to first batch) with workers, the cost persistent_workers removes at
   every epoch boundary.
 """
@@ -268,6 +270,58 @@ def loader_section(args) -> List[Dict[str, Any]]:
     return rows
 
 
+def profile_section(args) -> List[Dict[str, Any]]:
+    """Ours' whole MoCo v2 step (engine ``Trainer.train_step``, bf16 autocast + channels_last, ResNet-50 at 224,
+    ``--profile-batch``) under torch.profiler: each op's share of the step's self CPU time and, for ops with counted
+    FLOPs (FlopCounterMode), the FLOP rate the op reached. Shows which ops keep the step below the matmul peak."""
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moco_zoo.pretrain.config import make_config
+    from moco_zoo.pretrain.engine import Trainer
+
+    from pretrain_throughput import ensure_imagefolder
+
+    arch, size, b = "resnet50", (64 if args.quick else 224), (2 if args.quick else args.profile_batch)
+    root = ensure_imagefolder(Path(args.data_dir), 101, 64)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(b, 3, size, size, generator=g), torch.randn(b, 3, size, size, generator=g)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_config(data=str(root.parent), arch=arch, moco_version="v2", image_size=size, batch_size=b,
+                          moco_k=65536, shuffle_bn="off", workers=0, device="cpu", precision="bf16",
+                          channels_last=True, epochs=1000, knn_every=0, progress=False, plots=False,
+                          output_dir=tmp, seed=0, keep_host_memory=True)
+        trainer = Trainer(cfg)
+        trainer.model.train()
+
+        def step():
+            trainer.train_step(images, torch.arange(b))
+
+        with FlopCounterMode(display=False) as fc:
+            step()
+        flops = {str(k).replace("aten.", "aten::").rsplit(".", 1)[0]: v
+                 for k, v in fc.get_flop_counts()["Global"].items()}
+        step()
+        n = max(1, args.repeat)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                step()
+    events = [(e.key, e.self_cpu_time_total / 1e6 / n, e.count // n) for e in prof.key_averages()]
+    total = sum(t for _, t, _ in events)
+    rows = []
+    for key, t, calls in sorted(events, key=lambda r: -r[1])[:16]:
+        # the forward convolution's FLOPs are counted on aten::convolution, its time spent in the oneDNN kernel
+        f = flops.get("aten::convolution" if key == "aten::mkldnn_convolution" else key)
+        rows.append({"op": key, "ms_per_step": t * 1e3, "share_pct": 100.0 * t / total, "calls": calls,
+                     "gflop": f / 1e9 if f else None, "gflop_s": f / t / 1e9 if f else None})
+    rows.append({"op": f"total ({arch}@{size} b{b})", "ms_per_step": total * 1e3, "share_pct": 100.0,
+                 "gflop": sum(flops.values()) / 1e9, "gflop_s": sum(flops.values()) / total / 1e9})
+    return rows
+
+
 SECTIONS = {
     "encoder": (encoder_section, ["arch", "batch", "bn", "layout", "precision", "step_ms_best", "step_ms_median",
                                   "img_s", "img_cpu_s"]),
@@ -277,6 +331,7 @@ SECTIONS = {
     "compile": (compile_section, ["arch", "batch", "precision", "mode", "first_call_s", "ms", "img_s", "error"]),
     "loader": (loader_section, ["workers", "persistent", "first_batch_ms_epoch0", "first_batch_ms_later",
                                 "epoch_s_later", "images_per_epoch"]),
+    "profile": (profile_section, ["op", "ms_per_step", "share_pct", "calls", "gflop", "gflop_s"]),
 }
 
 
@@ -293,6 +348,7 @@ def main(argv=None) -> int:
                         help="encoder section: plain BN and the engine's split BN as MoCo runs it")
     parser.add_argument("--precisions", default="fp32,bf16", help="encoder section precisions")
     parser.add_argument("--layouts", default="nchw,channels_last", help="encoder section layouts")
+    parser.add_argument("--profile-batch", type=int, default=16, help="profile section: ResNet-50 @ 224 batch")
     parser.add_argument("--data-dir", default=C.default_data_dir())
     args = parser.parse_args(argv)
     if args.quick:

@@ -3,7 +3,8 @@
 The PIL pipeline of :mod:`moco_zoo.pretrain.augment` spends most of its time on colour jitter and blur, one image at a time,
 in DataLoader workers that compete with the training step for the same CPU cores. Here the loader only decodes,
 crops, resizes and flips (on uint8 tensors) and draws the photometric parameters; the colour jitter, grayscale and
-Gaussian blur then run on the whole batch at once on the training device (``--augment batched``).
+Gaussian blur then run on the whole batch at once on the training device (``--augment batched``); when training on
+the CPU with loader workers, each worker runs them on its batch (:class:`PhotometricCollate`).
 
 The distributions are the recipes' (MoCo v1, arXiv:1911.05722 Sec. 4; MoCo v2 "aug+", arXiv:2003.04297; MoCo v3's
 asymmetric BYOL recipe, arXiv:2104.02057, whose second view also solarizes): the
@@ -21,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision import transforms as T
 
 from .augment import (BLUR_SIGMA, CROP_SCALE, GRAY_P, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, V1_JITTER,
@@ -114,28 +116,47 @@ class GeometricViews:
 
 
 # ------------------------------------------------------------------------------------------ batched colour ops
-# x: Nx3xHxW float in [0, 1]; factors: N. Each is the torchvision float-tensor definition, per sample.
+# x: Nx3xHxW float in [0, 1]; factors: N. Each is the torchvision float-tensor definition, per sample. The ``_``
+# variants work in place on ``x`` (e.g. a contiguous slice of the batch) and allocate at most one plane per image:
+# the colour ops are memory-bound, so passes over the batch are what they cost.
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Nx3xHxW -> Nx1xHxW luma."""
-    w = x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    """Nx3xHxW -> Nx1xHxW luma, summed in torchvision's order (0.2989 r + 0.587 g + 0.114 b)."""
+    r, g, b = x.unbind(1)
+    return (r * GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def _blend_(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """a <- clamp(f a + (1 - f) b, 0, 1) in place; ``b`` broadcasts (a plane or a scalar per image)."""
     f = f.view(-1, 1, 1, 1)
-    return (f * a + (1 - f) * b).clamp_(0.0, 1.0)
+    return a.mul_(f).add_(b * (1 - f)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness_(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return x.mul_(f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation_(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, grayscale(x), f)
+
+
+def adjust_hue_(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return x.copy_(adjust_hue(x, f))
 
 
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    return adjust_brightness_(x.clone(), f)
 
 
 def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), f)
+    return adjust_contrast_(x.clone(), f)
 
 
 def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x), f)
+    return adjust_saturation_(x.clone(), f)
 
 
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -182,7 +203,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
     return torch.matmul(y, bw.transpose(1, 2).unsqueeze(1))  # horizontal
 
 
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's fn_idx order
+_JITTER_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # torchvision's fn_idx order
 
 
 class BatchedPhotometric:
@@ -214,7 +235,7 @@ class BatchedPhotometric:
             if c >= 0:
                 seg = slice(start, start + count)
                 for op in (c // 64, c // 16 % 4, c // 4 % 4, c % 4):
-                    xs[seg] = _JITTER_OPS[op](xs[seg], ps[seg, BRIGHTNESS + op])
+                    _JITTER_OPS[op](xs[seg], ps[seg, BRIGHTNESS + op])  # in place on the contiguous slice
             start += count
         return x.index_copy_(0, perm, xs)
 
@@ -266,3 +287,22 @@ class BatchedPhotometric:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(recipe={self.recipe.name!r}, blur taps={2 * self.radius + 1})"
+
+
+class PhotometricCollate:
+    """DataLoader ``collate_fn`` that runs :class:`BatchedPhotometric` on each collated batch inside the loader
+    workers: ``[(views, params), target, index] -> [[im_q, im_k], targets, indices]``.
+
+    For CPU training with loader workers: each worker runs the colour ops on its whole batch with one thread, in
+    parallel with the training step, instead of between steps in the training process (where, with several
+    threads on a busy machine, the many short parallel kernels wait on each other). The ops have no randomness of
+    their own (their parameters come with the views), so the output is the same wherever they run."""
+
+    def __init__(self, photometric: BatchedPhotometric, channels_last: bool = False) -> None:
+        self.photometric, self.channels_last = photometric, channels_last
+
+    def __call__(self, samples):
+        images, targets, indices = default_collate(samples)
+        with torch.no_grad():
+            views = self.photometric(images, "cpu", self.channels_last)
+        return views, targets, indices

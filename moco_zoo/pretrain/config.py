@@ -205,7 +205,7 @@ _KEYS_WITHOUT_FLAG: Sequence[tuple] = (
      "the queue / memory bank before step 0)"),
     ("shuffle_groups", int, "split mode: number of BN groups G (8)"),
     ("augment_backend", str, "pil (the whole recipe per image in the loader workers) | batched (colour ops on the "
-     "whole batch on the training device)"),
+     "whole batch on the training device; on the CPU with loader workers, in the workers)"),
     ("pin_memory", "bool", "pinned host memory for the loader (CUDA)"),
     ("persistent_workers", "bool", "keep loader workers between epochs (with -j > 0)"),
     ("keep_host_memory", "bool", "glibc: reuse freed host memory instead of returning it (moco_zoo.device)"),

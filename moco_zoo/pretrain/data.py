@@ -8,6 +8,7 @@ sampler can restart in the middle of an epoch (``set_epoch(epoch, start_step)``)
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 from pathlib import Path
@@ -72,8 +73,8 @@ def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB; a file PIL cannot decode raises :class:`CorruptImageError` naming it."""
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")  # forces the full decode inside the try
+            data = f.read()  # one read: PIL parses the JPEG markers with many small reads of the file object
+        return Image.open(io.BytesIO(data)).convert("RGB")  # forces the full decode inside the try
     except PermissionError as e:
         raise DataError(f"{path}: image file is not readable (permission denied)") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -207,10 +208,11 @@ def _worker_init(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batch_sampler: Optional[Sampler] = None, *, batch_size: int = 1,
                 workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                seed: int = 0, shuffle: bool = False) -> DataLoader:
+                seed: int = 0, shuffle: bool = False, collate_fn: Optional[Callable] = None) -> DataLoader:
     """DataLoader that never draws from the global torch generator (so the training RNG stream is unaffected)."""
     kw: dict = dict(num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                    generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init)
+                    generator=torch.Generator().manual_seed(seed), worker_init_fn=_worker_init,
+                    collate_fn=collate_fn)
     if workers > 0:
         kw["persistent_workers"] = persistent_workers
         kw["prefetch_factor"] = 2

@@ -59,7 +59,7 @@ from moco_zoo.plots import new_figure, save_png
 from moco_zoo.runlock import RunLock
 
 from .augment import pretrain_views
-from .batched_augment import BatchedPhotometric, GeometricViews
+from .batched_augment import BatchedPhotometric, GeometricViews, PhotometricCollate
 from .builder import MoCo
 from .builder_v3 import MoCoV3, convert_sync_bn
 from .config import MocoConfig
@@ -316,8 +316,14 @@ class Trainer:
                                              world_size=self.world, seed=cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        collate = None
+        if self.photometric is not None and self.device.type == "cpu" and cfg.workers > 0:
+            # CPU training with loader workers: the batched colour ops run in the workers (one thread each, in
+            # parallel with the step) rather than between steps in this process; the output is the same
+            collate = PhotometricCollate(self.photometric, cfg.channels_last)
+            self.photometric = None
         self.loader = make_loader(self.dataset, self.sampler, workers=cfg.workers, pin_memory=cfg.pin_memory,
-                                  persistent_workers=cfg.persistent_workers, seed=cfg.seed)
+                                  persistent_workers=cfg.persistent_workers, seed=cfg.seed, collate_fn=collate)
 
         # model: identical initialisation on every rank
         seed_everything(cfg.seed)

@@ -172,16 +172,21 @@ def test_channels_last_output_and_query_key_split():
     assert not torch.equal(q, k)  # independent views
 
 
-def test_engine_with_batched_augment(tiny_imagefolder, tmp_path):
-    """A worker process collates (uint8 views, parameters) deterministically per sample seed; the engine turns them
-    into normalised channels_last views and trains."""
+def _batched_cfg(tiny_imagefolder, tmp_path, workers):
     from moco_zoo.pretrain.config import make_config
+
+    return make_config(data=str(tiny_imagefolder), arch="resnet18", image_size=32, batch_size=8, moco_k=16,
+                       epochs=1, max_steps=2, workers=workers, augment_backend="batched", precision="bf16",
+                       channels_last=True, output_dir=str(tmp_path / f"run{workers}"), progress=False, plots=False,
+                       knn_every=0, log_every_steps=1)
+
+
+def test_engine_with_batched_augment(tiny_imagefolder, tmp_path):
+    """Without loader workers the loader collates (uint8 views, parameters) deterministically per sample seed and
+    the engine turns them into normalised channels_last views between steps, then trains."""
     from moco_zoo.pretrain.engine import Trainer
 
-    cfg = make_config(data=str(tiny_imagefolder), arch="resnet18", image_size=32, batch_size=8, moco_k=16,
-                      epochs=1, max_steps=2, workers=1, augment_backend="batched", precision="bf16", channels_last=True,
-                      output_dir=str(tmp_path / "run"), progress=False, plots=False, knn_every=0, log_every_steps=1)
-    trainer = Trainer(cfg)
+    trainer = Trainer(_batched_cfg(tiny_imagefolder, tmp_path, workers=0))
     assert isinstance(trainer.dataset.transform, BA.GeometricViews)
     trainer.sampler.set_epoch(0)
     (views, params), _, index = next(iter(trainer.loader))
@@ -196,6 +201,27 @@ def test_engine_with_batched_augment(tiny_imagefolder, tmp_path):
     assert summary["global_step"] == 2
     losses = [r["loss"] for r in trainer.log.records if r.get("type") == "step"]
     assert losses and all(np.isfinite(losses))
+
+
+def test_cpu_loader_workers_run_the_colour_ops(tiny_imagefolder, tmp_path):
+    """On the CPU with loader workers, the workers hand out finished views: exactly what the colour ops give in
+    this process on the same samples (same seeds), already channels_last."""
+    from torch.utils.data import default_collate
+
+    from moco_zoo.pretrain.engine import Trainer
+
+    trainer = Trainer(_batched_cfg(tiny_imagefolder, tmp_path, workers=1))
+    trainer.sampler.set_epoch(0)
+    (q, k), _, index = next(iter(trainer.loader))
+    assert q.dtype == torch.float32 and q.shape == (8, 3, 32, 32)
+    assert q.is_contiguous(memory_format=torch.channels_last)
+    samples = [trainer.dataset[item] for item in next(iter(trainer.sampler))]
+    (views, params), _, ref_index = default_collate(samples)
+    q_ref, k_ref = BA.BatchedPhotometric("v2")((views, params), "cpu", channels_last=True)
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=0)
+    assert trainer._views([q, k])[0] is not None and trainer.fit()["global_step"] == 2
 
 
 def test_augment_flag_is_validated():
