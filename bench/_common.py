@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,3 +224,19 @@ def children_peak_rss_mb() -> float:
 
 def iter_sizes(spec: str) -> Iterable[int]:
     return [int(s) for s in spec.split(",") if s.strip()]
+
+
+def run_worker(script: str, spec: Dict[str, Any], timeout: float, tail_lines: int = 12) -> Dict[str, Any]:
+    """Run ``script --_worker SPEC_JSON`` in a fresh interpreter (its own peak RSS, nothing shared) and return the
+    dict it printed on its ``RESULT {...}`` line, or ``{"error": ...}`` with the tail of its output."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--_worker", json.dumps(spec)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}

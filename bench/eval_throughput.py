@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Dict, List
 
 import _common as C
@@ -135,25 +132,12 @@ def worker_main(spec_json: str) -> int:
     return 0
 
 
-def run_in_subprocess(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-
 
 def _alternate(make_spec, rounds: int, timeout: float, label: str) -> Dict[str, List[Dict[str, Any]]]:
     runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], "theirs": []}
     for rnd in range(rounds):
         for side in (("ours", "theirs") if rnd % 2 == 0 else ("theirs", "ours")):
-            r = run_in_subprocess(make_spec(side), timeout)
+            r = C.run_worker(__file__, make_spec(side), timeout)
             r["round"] = rnd
             runs[side].append(r)
             print(f"  {label} round {rnd} {side}: " + (r.get("error") or json.dumps(

@@ -49,9 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -669,19 +667,6 @@ def worker_main(spec_json: str) -> int:
     return 0
 
 
-def run_in_subprocess(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-
 
 def best(a: Optional[Dict[str, Any]], b: Dict[str, Any]) -> Dict[str, Any]:
     if a is None or "error" in a:
@@ -786,7 +771,7 @@ def main(argv=None) -> int:
                             steps=max(steps, 3), threads=args.threads, shuffle_bn=args.shuffle_bn,
                             shuffle_groups=args.shuffle_groups, reference=args.reference, ref_ddp=args.ref_ddp,
                             variants=variants, peers=peers, impl="ab", mode=mode, ab_peak=args.ab_peak)
-                r = run_in_subprocess(spec, args.timeout)
+                r = C.run_worker(__file__, spec, args.timeout, tail_lines=15)
                 if "error" in r:
                     print(f"  {mode} {cfg['name']}: {r['error']}", file=sys.stderr)
                     ab_rows.append({"config": cfg["name"], "mode": mode, "impl": "-", "error": r["error"]})
@@ -820,7 +805,7 @@ def main(argv=None) -> int:
                     for (kind, name), lab in zip(impls, labels):
                         who = dict(impl="ours", variant=name) if kind == "ours" else \
                             dict(impl=PEERS[name]["impl"], peer=name, variant=name)
-                        r = dict(run_in_subprocess(dict(base, workers=w, **who), args.timeout), workers=w)
+                        r = dict(C.run_worker(__file__, dict(base, workers=w, **who), args.timeout, tail_lines=15), workers=w)
                         overall[lab] = best(overall[lab], r)
                         this_round[lab] = best(this_round[lab], r)
                         print(f"  {lab:24s} {cfg['name']} {mode} workers {w}: " +

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Dict, List
 
 import _common as C
@@ -58,19 +55,6 @@ def worker_main(spec_json: str) -> int:
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 
-
-def run_in_subprocess(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
 def main(argv=None) -> int:
@@ -111,7 +95,7 @@ def main(argv=None) -> int:
         for prec in [p for p in args.precisions.split(",") if p]:
             spec = dict(arch=args.arch, detector=det, precision=prec, threads=args.threads, workers=args.workers,
                         batch_size=args.batch_size, warmup=args.warmup, iters=args.iters, data_root=data_root)
-            r = run_in_subprocess(spec, args.timeout)
+            r = C.run_worker(__file__, spec, args.timeout)
             row = {"model": f"{args.arch} {det.upper()}", "precision": prec, **r}
             print(f"  {row['model']} {prec}: " + (r["error"] if "error" in r else f"{r['iters_s']:.3f} it/s"),
                   file=sys.stderr)

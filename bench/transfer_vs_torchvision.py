@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -402,19 +401,6 @@ def worker_main(spec_json: str) -> int:
     return 0
 
 
-def run_in_subprocess(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(C.REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-
 
 def _write_init(dataset: str, arch: str, prec: str, data_root: str, path: str) -> None:
     """One random init for both sides (the two models have the same parameter names and shapes; checked by the
@@ -485,7 +471,7 @@ def main(argv=None) -> int:
                             test_images=args.test_images, data_root=roots[dataset], init_path=init_path,
                             test_path=test_path,
                             sets=ours_sets if side == "ours" else {})
-                r = run_in_subprocess(spec, args.timeout)
+                r = C.run_worker(__file__, spec, args.timeout)
                 r["round"] = rnd
                 runs[side].append(r)
                 print(f"  {case} round {rnd} {side}: " + (r["error"] if "error" in r else
