@@ -38,8 +38,8 @@ setup(
     extras_require={
         # transformers: the test that a published folder loads through TimmWrapperModel
         "test": ["pytest>=7.0", "pytest-timeout>=2.1", "transformers>=4.47"],
-        # bench/pretrain_throughput.py's lightly peers (lightly's MoCo head, memory bank and momentum utilities)
-        "bench": ["lightly>=1.6"],
+        # bench/pretrain_throughput.py: lightly peers (MoCo head, memory bank, momentum); psutil: worker USS/PSS
+        "bench": ["lightly>=1.6", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["moco-zoo=moco_zoo.cli:main"]},
 )

@@ -222,6 +222,57 @@ def children_peak_rss_mb() -> float:
     return rss / 1024
 
 
+class ChildMemorySampler:
+    """Samples the memory of this process's descendants (DataLoader workers) in a background thread.
+
+    ``ru_maxrss`` of a forked worker counts the pages it shares copy-on-write with its parent, so a worker forked
+    from a bigger parent looks bigger without costing more. Beside the peak RSS this records the peak USS (pages
+    private to the worker: what it really adds) and PSS (shared pages split among their users), per psutil's
+    ``memory_full_info``. Without psutil (the ``bench`` extra) it records nothing.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.peak: Dict[str, float] = {}
+        self._stop = None
+        self._thread = None
+
+    def __enter__(self) -> "ChildMemorySampler":
+        import threading
+
+        try:
+            import psutil
+        except ImportError:
+            return self
+        me = psutil.Process()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                for child in me.children(recursive=True):
+                    try:
+                        m = child.memory_full_info()
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    for key in ("rss", "uss", "pss"):
+                        if hasattr(m, key):
+                            self.peak[key] = max(self.peak.get(key, 0.0), getattr(m, key) / 2 ** 20)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def result(self) -> Dict[str, float]:
+        """``{"workers_sampled_rss_mb", "workers_uss_mb", "workers_pss_mb"}``: the largest worker's peaks (MiB)."""
+        return {f"workers_{'sampled_rss' if k == 'rss' else k}_mb": v for k, v in self.peak.items()}
+
+
 def iter_sizes(spec: str) -> Iterable[int]:
     return [int(s) for s in spec.split(",") if s.strip()]
 

@@ -19,6 +19,7 @@ GEMM per batch) against training the same H heads one at a time, each a plain ``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -74,6 +75,84 @@ def worker_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {"seconds": seconds, "images": n, "dim": dim, "img_s": n / seconds, "batch": cfg.batch_size, **info}
 
 
+def worker_breakdown(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Where ours' extraction time goes: model build, the DataLoader alone, the forward alone, the cache."""
+    import torch
+    from safetensors.torch import load, save
+
+    from moco_zoo.device import autocast, autocast_dtype
+    from moco_zoo.evaluation import features as feat
+    from moco_zoo.pretrain.data import make_loader
+
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as out:
+        cfg = _eval_cfg(spec, out)
+        amp_dtype = autocast_dtype(device, cfg.precision)
+        datasets = feat.eval_datasets(cfg)
+        phases: Dict[str, float] = {}
+        cpu: Dict[str, float] = {}
+
+        def timed(name, fn):
+            t, c = time.perf_counter(), time.process_time()
+            value = fn()
+            phases[name], cpu[name] = time.perf_counter() - t, time.process_time() - c
+            return value
+
+        model = timed("build", lambda: feat.build_frozen_backbone(cfg, 0, device, datasets["train"], amp_dtype))
+        batches = timed("data", lambda: [x for s in feat.SPLITS for x, _, _ in make_loader(
+            datasets[s], batch_size=cfg.batch_size, workers=cfg.workers)])
+
+        def forward():
+            with torch.inference_mode(), autocast(device, amp_dtype):
+                return torch.cat([model(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x)
+                                  .float() for x in batches])
+
+        feats = timed("forward", forward)
+        timed("cache", lambda: load(save({"features": feats.contiguous()})))
+        total = timed("extract_cached", lambda: feat.extract_cached(cfg, seed=0, device=device))
+    return {"images": len(feats), "batch": cfg.batch_size, "seconds": phases, "cpu_seconds": cpu,
+            "same_features": bool(torch.allclose(total.train, feats[:len(total.train)], atol=1e-2, rtol=0))}
+
+
+def worker_forward(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """CPU milliseconds per image of the backbone's forward alone, for each (variant, batch), min over repeats.
+
+    The variants run round-robin in one process, so they share the machine's state; CPU time (not wall) keeps
+    other processes out of the figure.
+    """
+    import torch
+
+    import moco_zoo
+
+    model = moco_zoo.load_backbone("random", spec["arch"], num_classes=0, seed=0).eval()
+    variants = {  # name -> (autocast dtype, channels_last, inference_mode)
+        "fp32": (None, False, False), "bf16": (torch.bfloat16, False, False),
+        "bf16 + channels_last": (torch.bfloat16, True, False),
+        "bf16 + channels_last + inference_mode": (torch.bfloat16, True, True),
+        "fp32 + inference_mode": (None, False, True)}
+    g = torch.Generator().manual_seed(0)
+    inputs = {b: torch.randn(b, 3, spec["size"], spec["size"], generator=g) for b in spec["batches"]}
+    models = {False: model, True: copy.deepcopy(model).to(memory_format=torch.channels_last)}
+    best: Dict[str, Dict[int, float]] = {v: {} for v in variants}
+
+    def run(variant, b):
+        dtype, cl, inference = variants[variant]
+        x = inputs[b].contiguous(memory_format=torch.channels_last) if cl else inputs[b]
+        with (torch.inference_mode() if inference else torch.no_grad()), \
+                torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            models[cl](x)
+
+    for rep in range(spec["repeat"] + 1):  # the first pass is the warm-up
+        for variant in variants:
+            for b in spec["batches"]:
+                c = time.process_time()
+                run(variant, b)
+                ms = (time.process_time() - c) * 1e3 / b
+                if rep:
+                    best[variant][b] = min(best[variant].get(b, float("inf")), ms)
+    return {"ms_per_image": best}
+
+
 # ------------------------------------------------------------------------------------------------ linear sweep
 def worker_linear(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
@@ -126,7 +205,8 @@ def worker_main(spec_json: str) -> int:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    res = (worker_extract if spec["part"] == "extract" else worker_linear)(spec)
+    res = {"extract": worker_extract, "breakdown": worker_breakdown, "forward": worker_forward,
+           "linear": worker_linear}[spec["part"]](spec)
     res.update(peak_rss_mb=C.peak_rss_mb(), threads=torch.get_num_threads())
     print("RESULT " + json.dumps(res), flush=True)
     return 0
@@ -154,7 +234,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.common_args(parser, "eval_throughput")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--parts", default="extract,linear", help="comma list of extract, linear")
+    parser.add_argument("--parts", default="extract,linear",
+                        help="comma list of extract, breakdown (ours' extraction by phase, one run per case), "
+                             "forward (the forward alone per precision / layout / batch), linear")
     parser.add_argument("--cases", default="resnet50@224:paper,resnet18@64:cpu-small",
                         help="extraction cases arch@image_size:preset")
     parser.add_argument("--images", type=int, default=320, help="synthetic ImageFolder images (train + val)")
@@ -162,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="eval config override for OUR extraction only (e.g. precision=fp32)")
+    parser.add_argument("--forward-cases", default="resnet18@64,resnet50@224", help="forward part: arch@image_size")
+    parser.add_argument("--forward-batches", default="64,128,256", help="forward part: batch sizes")
+    parser.add_argument("--forward-repeat", type=int, default=3, help="forward part: repeats (min is reported)")
     parser.add_argument("--linear", default="8192x2048x100", help="linear sweep features NxDxC")
     parser.add_argument("--linear-epochs", type=int, default=2)
     parser.add_argument("--linear-batch", type=int, default=256)
@@ -172,6 +257,7 @@ def main(argv=None) -> int:
         return worker_main(args._worker)
     if args.quick:
         args.cases, args.images, args.rounds, args.linear = "resnet18@64:cpu-small", 64, 1, "1024x512x10"
+        args.forward_cases, args.forward_batches, args.forward_repeat = "resnet18@32", "8,16", 1
     C.set_threads(args.threads)
     info = C.machine_info()
     C.print_header("Evaluation: feature extraction and linear sweep", info)
@@ -182,10 +268,13 @@ def main(argv=None) -> int:
     ours_sets = parse_overrides(args.set) if args.set else {}
     extract_rows: List[Dict[str, Any]] = []
     linear_rows: List[Dict[str, Any]] = []
-    if "extract" in parts:
+    breakdown_rows: List[Dict[str, Any]] = []
+    forward_rows: List[Dict[str, Any]] = []
+    if "extract" in parts or "breakdown" in parts:
         from moco_zoo.pretrain.data import resolve_data_root
 
         data = str(resolve_data_root("synthetic", args.images, 64))
+    if "extract" in parts:
         for case in [c for c in args.cases.split(",") if c]:
             arch_size, preset = case.split(":")
             arch, size = arch_size.split("@")
@@ -212,6 +301,50 @@ def main(argv=None) -> int:
                                               "ours_rss", "plain_rss"],
                                ["backbone @ px : preset", "images", "batch", "ours", "ours img/s",
                                 "plain fp32 img/s", "ratio", "ours peak RSS MiB", "plain peak RSS MiB"], digits=2))
+        print()
+    if "breakdown" in parts:
+        for case in [c for c in args.cases.split(",") if c]:
+            arch_size, preset = case.split(":")
+            arch, size = arch_size.split("@")
+            r = C.run_worker(__file__, dict(part="breakdown", side="ours", arch=arch, size=int(size), preset=preset,
+                                            data=data, workers=args.workers, batch=args.batch,
+                                            threads=args.threads, sets=ours_sets), args.timeout)
+            row: Dict[str, Any] = {"case": case, **r}
+            if "error" not in r:
+                sec = r["seconds"]
+                row.update({k: sec[k] for k in ("build", "data", "forward", "cache", "extract_cached")})
+                row["sum"] = sum(sec[k] for k in ("build", "data", "forward", "cache"))
+                row["forward_share"] = 100.0 * sec["forward"] / row["sum"]
+            breakdown_rows.append(row)
+        print("Ours' extraction by phase (seconds, wall; one subprocess per case; the phases are run separately "
+              "and then extract_cached end to end)\n")
+        print(C.markdown_table(breakdown_rows, ["case", "images", "batch", "build", "data", "forward", "cache", "sum",
+                                                "forward_share", "extract_cached", "same_features", "error"],
+                               ["backbone @ px : preset", "images", "batch", "model build s", "DataLoader s",
+                                "forward s", "cache write + read s", "sum s", "forward % of sum",
+                                "extract_cached s", "features equal", "error"], digits=2))
+        print()
+    if "forward" in parts:
+        batches = [int(b) for b in args.forward_batches.split(",") if b]
+        for case in [c for c in args.forward_cases.split(",") if c]:
+            arch, size = case.split("@")
+            r = C.run_worker(__file__, dict(part="forward", arch=arch, size=int(size), batches=batches,
+                                            repeat=args.forward_repeat, threads=args.threads), args.timeout)
+            if "error" in r:
+                forward_rows.append({"case": case, "error": r["error"]})
+                continue
+            ms = r["ms_per_image"]
+            for variant, per_batch in ms.items():
+                row = {"case": case, "variant": variant, "raw": per_batch}
+                for b in batches:
+                    row[f"ms_{b}"] = per_batch[str(b)]
+                    row[f"x_{b}"] = ms["fp32"][str(b)] / per_batch[str(b)]
+                forward_rows.append(row)
+        cols = ["case", "variant"] + [f"{k}_{b}" for b in batches for k in ("ms", "x")]
+        heads = ["backbone @ px", "forward variant"] + [h for b in batches
+                                                         for h in (f"CPU ms/img @ b{b}", f"vs fp32 @ b{b}")]
+        print("The backbone's forward alone (CPU milliseconds per image, min over repeats; random input)\n")
+        print(C.markdown_table(forward_rows, cols + ["error"], heads + ["error"], digits=2))
         print()
     if "linear" in parts:
         n, d, c = (int(v) for v in args.linear.split("x"))
@@ -245,7 +378,7 @@ def main(argv=None) -> int:
     path = C.write_json("eval_throughput", {
         "machine": info, "contention": C.contention_note(info) or None, "quick": args.quick,
         "args": {k: v for k, v in vars(args).items() if k != "_worker"}, "extract": extract_rows,
-        "linear": linear_rows}, args.out)
+        "breakdown": breakdown_rows, "forward": forward_rows, "linear": linear_rows}, args.out)
     print(f"\nwrote {path}")
     return 0
 

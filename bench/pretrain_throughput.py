@@ -654,7 +654,9 @@ def worker_main(spec_json: str) -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     runner = {"reference": run_reference, "lightly": run_lightly, "ours": run_ours}[spec["impl"]]
-    res = runner(spec)
+    with C.ChildMemorySampler() as workers_memory:
+        res = runner(spec)
+    res.update(workers_memory.result())
     res["img_s"] = spec["batch_size"] * spec["steps"] / res["seconds"]
     res["step_s"] = res["seconds"] / spec["steps"]
     # images per CPU-second of the main process: less sensitive to other processes than wall time (step mode)
@@ -824,7 +826,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     continue
                 row.update(img_s=r["img_s"], workers=r.get("workers"), img_cpu_s=r.get("img_per_cpu_s"),
-                           rss_mb=r["peak_rss_mb"], workers_rss_mb=r.get("workers_peak_rss_mb") or None)
+                           rss_mb=r["peak_rss_mb"], workers_rss_mb=r.get("workers_peak_rss_mb") or None,
+                           workers_uss_mb=r.get("workers_uss_mb"), workers_pss_mb=r.get("workers_pss_mb"))
                 if flops and mode == "step":
                     row["gflops"] = flops / r["step_s"] / 1e9
                     row["pct_peak"] = 100.0 * row["gflops"] / peak if peak else None
@@ -838,10 +841,12 @@ def main(argv=None) -> int:
         print(f"ratio = {primary} / this implementation: best run of each, and the median over rounds of each "
               "round's ratio (rounds alternate the implementations)\n")
         print(C.markdown_table(rows, ["config", "mode", "impl", "img_s", "workers", "ratio", "ratio_rounds",
-                                      "rss_mb", "workers_rss_mb", "gflops", "pct_peak", "img_cpu_s"],
+                                      "rss_mb", "workers_rss_mb", "workers_uss_mb", "workers_pss_mb", "gflops",
+                                      "pct_peak", "img_cpu_s"],
                                ["config", "mode", "implementation", "img/s (best)", "workers", "ours / this (best)",
                                 "ours / this (median of rounds)", "peak RSS MiB (main)",
-                                "peak RSS MiB (largest worker)", "step model GFLOP/s", "% bf16 matmul peak",
+                                "peak RSS MiB (largest worker)", "peak USS MiB (largest worker)",
+                                "peak PSS MiB (largest worker)", "step model GFLOP/s", "% bf16 matmul peak",
                                 "img/CPU-s (main proc)"], digits=2))
     if ab_rows:
         print(f"\n### step-ab / e2e-ab: every implementation in one process, single steps alternating; ratio = "

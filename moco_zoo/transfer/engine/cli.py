@@ -1,16 +1,22 @@
 """The one command line of the transfer scripts (``transfer/voc_det.py``, ``coco_det.py``, ``voc_seg.py``).
 
 Several ``--weights`` give one run each (same config, seed and budget) under ``--output-dir/<weights>/`` and a
-comparison table ``--output-dir/comparison.md`` (+ ``comparison.json``) at the end.
+comparison table ``--output-dir/comparison.md`` (+ ``comparison.json``) at the end. ``--jobs N`` runs N of these runs
+at once in their own processes (each with its share of the CPU threads, or its own GPU); a run's result does not
+depend on what runs beside it.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 import torch.distributed as dist
 
 from moco_zoo import device as devlib
@@ -79,6 +85,10 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per process")
     p.add_argument("--workers", "-j", type=int, help="DataLoader workers per process")
     p.add_argument("--max-test-images", type=int, help="test on the first N test images only")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N of the comparison's runs (weights x seeds) at once, each in its own process with "
+                        "1/N of the CPU threads (unless --threads) or its own GPU; small models on a few CPU cores "
+                        "get more done this way than with all threads in one run")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT, or (no value) from each run's <output-dir>/<weights>/checkpoint_last.pth")
     p.add_argument("--eval-only", action="store_true", help="only test the model in the --resume checkpoint")
@@ -148,6 +158,11 @@ def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
                                  "several")
     if args.eval_only and not args.resume:
         raise cfglib.ConfigError("--eval-only needs --resume (the checkpoint to test)")
+    if args.jobs < 1:
+        raise cfglib.ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise cfglib.ConfigError("--jobs runs a comparison's runs side by side in one launch; under torchrun every "
+                                 "process already takes part in each run, leave --jobs at 1")
     if not cfg.arch:
         # one architecture for every run of a comparison (random init gets the MoCo weights' architecture)
         cfg.arch = resolve_arch(args.weights, None, allow_pickle=bool(cfg.allow_pickle))
@@ -159,22 +174,60 @@ def run(task: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
             lock.release()
 
 
+def run_one(cfg, spec: str, data_root: str, run_dir: Path, resume: Optional[str], eval_only: bool) -> Dict[str, Any]:
+    """One run of a comparison on the configured engine."""
+    if cfg.engine == "detectron2":
+        return run_detectron2(cfg, spec, data_root, str(run_dir), resume=resume is not None, eval_only=eval_only)
+    return TransferRun(cfg, spec, data_root, str(run_dir), resume=resume, eval_only=eval_only).run()
+
+
+def _job_init(slots, output_dir: str) -> None:
+    """A --jobs worker process: its slot number places its progress bars and picks its GPU."""
+    slot = slots.get()
+    os.environ["MOCO_ZOO_JOB_SLOT"] = str(slot)
+    os.environ["TQDM_POSITION"] = str(slot)  # one progress line per worker (tqdm reads TQDM_* defaults)
+    setup_logging(output_dir)
+
+
+def _job_run(cfg, spec: str, data_root: str, run_dir: Path, resume: Optional[str], eval_only: bool,
+             jobs: int) -> Dict[str, Any]:
+    slot = int(os.environ["MOCO_ZOO_JOB_SLOT"])
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        cfg.device = f"cuda:{slot % torch.cuda.device_count()}"
+    if not cfg.threads and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cfg.threads = max(1, cores // jobs)
+    return run_one(cfg, spec, data_root, run_dir, resume, eval_only)
+
+
 def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[str, Any]]:
-    results = []
-    for spec, seed, run_dir in _runs(out, args.weights, args.seeds):
+    runs = list(_runs(out, args.weights, args.seeds))
+    configs = []
+    for spec, seed, run_dir in runs:
         if devlib.is_main_process_env():
             for p in remove_stale_temporaries(run_dir):
                 logger.warning("removed %s, left by a write that was killed", p)
+        run_cfg = cfg.copy()
         if seed is not None:
-            cfg.seed = seed
-        if cfg.engine == "detectron2":
-            result = run_detectron2(cfg, spec, args.data_root, str(run_dir), resume=args.resume is not None,
-                                    eval_only=args.eval_only)
-        else:
-            result = TransferRun(cfg, spec, args.data_root, str(run_dir), resume=args.resume,
-                                 eval_only=args.eval_only).run()
-        results.append(result)
-        if devlib.is_main_process():
+            run_cfg.seed = seed
+        configs.append(run_cfg)
+    jobs = min(args.jobs, len(runs))
+    if jobs > 1:
+        context = multiprocessing.get_context("spawn")  # no forked torch thread pools or CUDA state
+        slots = context.Queue()
+        for slot in range(jobs):
+            slots.put(slot)
+        logger.info("%d runs, %d at a time", len(runs), jobs)
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_job_init,
+                                 initargs=(slots, str(out))) as pool:
+            futures = [pool.submit(_job_run, run_cfg, spec, args.data_root, run_dir, args.resume, args.eval_only,
+                                   jobs) for run_cfg, (spec, _, run_dir) in zip(configs, runs)]
+            results = [f.result() for f in futures]
+    else:
+        results = [run_one(run_cfg, spec, args.data_root, run_dir, args.resume, args.eval_only)
+                   for run_cfg, (spec, _, run_dir) in zip(configs, runs)]
+    if devlib.is_main_process():
+        for (spec, _, _), result in zip(runs, results):
             row = report.metric_row(task, result["metrics"])
             logger.info("%s [%s]: %s", task, spec, ", ".join(f"{k} {v:.1f}" for k, v in row.items() if v is not None))
     path = write_comparison(task, out, results)
