@@ -69,6 +69,9 @@ class Profile:
     seg_iters: int = 100
     max_test_images: int = 120
     transfer_seeds: Tuple[int, ...] = (0, 1, 2)  # each seed: head init, data order, augmentation, random backbone
+    # transfer runs side by side (--jobs), each with its share of the threads: a batch-4 R18-FPN step at 128-160 px
+    # does not keep 2 cores busy, two one-thread runs do (README, demo section)
+    transfer_jobs: int = 2
     eval_period: int = 40  # test points of the learning curves
     # COCO Mask R-CNN and VOC segmentation do not fit a meaningful budget into ~15 min on 2 cores (80 / 100
     # iterations gave box/mask AP < 1 and background-only masks for both backbones), so the full profile leaves them
@@ -342,6 +345,7 @@ class Demo:
             f"transfer/{script}", "--data-root", str(data_root), "--weights", checkpoint, "random",
             "--preset", "cpu", "--arch", self.p.arch, "--iters", str(iters),
             "--seeds", *map(str, self.p.transfer_seeds), "--eval-period", str(self.p.eval_period),
+            "--jobs", str(self.p.transfer_jobs),
             "--max-test-images", str(self.p.max_test_images), "--output-dir", str(out), "--resume", *extra))
         rows = json.loads((out / "comparison.json").read_text())
         curves = out / "curves.png"

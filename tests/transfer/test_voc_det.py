@@ -134,3 +134,12 @@ def test_jobs_must_be_positive(synthetic_voc, tmp_path, capsys):
     rc = main("voc_det", ["--data-root", str(synthetic_voc), "--weights", "random", "--jobs", "0",
                           "--output-dir", str(tmp_path)] + TINY)
     assert rc != 0 and "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_jobs_report_a_failing_run_in_one_line(synthetic_voc, tmp_path, capsys):
+    missing = tmp_path / "missing.pth"
+    rc = main("voc_det", ["--data-root", str(synthetic_voc), "--weights", "random", str(missing), "--arch",
+                          "resnet18", "--iters", "1", "--jobs", "2", "--threads", "1",
+                          "--output-dir", str(tmp_path / "out")] + TINY)
+    err = capsys.readouterr().err
+    assert rc != 0 and str(missing) in err and "Traceback" not in err

@@ -222,7 +222,11 @@ def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[s
                                  initargs=(slots, str(out))) as pool:
             futures = [pool.submit(_job_run, run_cfg, spec, args.data_root, run_dir, args.resume, args.eval_only,
                                    jobs) for run_cfg, (spec, _, run_dir) in zip(configs, runs)]
-            results = [f.result() for f in futures]
+            try:
+                results = [f.result() for f in futures]
+            except BaseException:  # report the first failure without starting the runs still queued
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     else:
         results = [run_one(run_cfg, spec, args.data_root, run_dir, args.resume, args.eval_only)
                    for run_cfg, (spec, _, run_dir) in zip(configs, runs)]
