@@ -192,9 +192,10 @@ def _job_init(slots, output_dir: str) -> None:
 def _job_run(cfg, spec: str, data_root: str, run_dir: Path, resume: Optional[str], eval_only: bool,
              jobs: int) -> Dict[str, Any]:
     slot = int(os.environ["MOCO_ZOO_JOB_SLOT"])
-    if cfg.device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+    on_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if on_cuda and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
         cfg.device = f"cuda:{slot % torch.cuda.device_count()}"
-    if not cfg.threads and not torch.cuda.is_available():
+    if not cfg.threads and not on_cuda:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         cfg.threads = max(1, cores // jobs)
     return run_one(cfg, spec, data_root, run_dir, resume, eval_only)
