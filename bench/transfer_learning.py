@@ -72,6 +72,8 @@ def run_one(task: str, engine: str, experiment: str, args, out: Path) -> Dict[st
         cmd += ["--engine", engine]
     if engine == "torchvision" and experiment == "curves":
         cmd += ["--eval-period", str(args.eval_period)]
+    if args.jobs > 1:
+        cmd += ["--jobs", str(args.jobs)]
     overrides = [*_split_overrides(task, experiment, args.fit_images), *args.set]
     if overrides:  # --set needs at least one KEY=VALUE
         cmd += ["--set", *overrides]
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--coco-root", default=None)
     parser.add_argument("--runs", default=str(Path(C.default_data_dir()) / "transfer_learning_runs"))
     parser.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE config overrides for every run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs of a task side by side (the scripts' --jobs)")
     args = parser.parse_args(argv)
     info = C.machine_info()
     C.print_header("Transfer: proof of learning and backend parity", info)

@@ -95,6 +95,7 @@ class DetectionConfig(TransferConfig):
     detector: str = "c4"
     mask: bool = False
     roi_resolution: int = 14
+    fpn_channels: int = 256  # FPN output / RPN / box head width (FPN layout only)
     anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     anchor_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     rpn_pre_nms_top_n_train: int = 12000

@@ -51,6 +51,7 @@ KEY_MAP: Dict[str, str] = {
     "arch": "MODEL.RESNETS.DEPTH / RES2_OUT_CHANNELS", "norm": "MODEL.RESNETS.NORM",
     "detector": "MODEL.BACKBONE.NAME, ROI_HEADS.NAME", "mask": "MODEL.MASK_ON",
     "roi_resolution": "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION (C4; FPN pools 7x7 in both engines)",
+    "fpn_channels": "MODEL.FPN.OUT_CHANNELS (FPN)",
     "anchor_sizes": "MODEL.ANCHOR_GENERATOR.SIZES", "anchor_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
     "rpn_pre_nms_top_n_train": "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "rpn_pre_nms_top_n_test": "MODEL.RPN.PRE_NMS_TOPK_TEST",
     "rpn_post_nms_top_n_train": "MODEL.RPN.POST_NMS_TOPK_TRAIN",
@@ -191,7 +192,7 @@ def detectron2_config_values(cfg: Any, arch: str, num_classes: int, weights_file
         values += [("MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"]),
                    ("MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"), ("MODEL.ROI_BOX_HEAD.NUM_FC", 2),
                    ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"), ("MODEL.ROI_MASK_HEAD.NUM_CONV", 4),
-                   ("MODEL.FPN.NORM", "")]
+                   ("MODEL.FPN.NORM", ""), ("MODEL.FPN.OUT_CHANNELS", int(cfg["fpn_channels"]))]
     return values
 
 

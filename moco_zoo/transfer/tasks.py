@@ -129,7 +129,7 @@ class DetectionTask(Task):
             rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
             box_batch_size_per_image=cfg.box_batch_size_per_image, box_detections_per_img=cfg.box_detections_per_img,
             box_score_thresh=cfg.box_score_thresh, box_nms_thresh=cfg.box_nms_thresh,
-            roi_resolution=cfg.roi_resolution)
+            roi_resolution=cfg.roi_resolution, fpn_channels=cfg.fpn_channels)
         return model
 
     def losses(self, model, batch, device):

@@ -23,7 +23,19 @@ def test_paper_presets_are_the_papers_values():
     seg = resolve("voc_seg", "paper")
     assert (seg.output_stride, seg.crop_size, seg.batch_size, seg.lr, seg.iters, seg.lr_schedule, seg.poly_power) == \
         (8, 512, 16, 0.01, 20000, "poly", 0.9)
-    assert set(preset_names("voc_det")) == {"paper", "paper-8img", "cpu"}
+    assert set(preset_names("voc_det")) == {"paper", "paper-8img", "cpu", "cpu-20min"}
+
+
+def test_cpu_20min_is_the_measured_command():
+    """The preset is the cpu preset plus the flags of the measured run (transfer/README.md), steps scaled as --iters
+    scales them."""
+    preset = resolve("voc_det", "cpu-20min")
+    measured = resolve("voc_det", "cpu", flags={"iters": 2400, "lr": 0.01},
+                       overrides={"box_batch_size_per_image": 64, "rpn_batch_size_per_image": 256,
+                                  "fpn_channels": 128})
+    preset.preset = measured.preset
+    assert preset == measured
+    assert resolve("voc_det", "paper").fpn_channels == 256  # the papers' FPN width stays the default
 
 
 def test_precedence_preset_file_flags_overrides(tmp_path):

@@ -169,3 +169,14 @@ def test_bad_arguments():
         build_detector(4, weights="random", arch="vit_small_patch16_224")
     with pytest.raises(ValueError, match="FPN needs exactly 5"):
         build_detector(4, weights="random", arch="resnet18", detector="fpn", anchor_sizes=(32, 64))
+
+
+def test_fpn_channels_set_the_pyramid_rpn_and_box_head_width():
+    model, _ = build_detector(4, weights="random", arch="resnet18", detector="fpn", norm="bn", fpn_channels=64, **SMALL)
+    assert model.backbone.out_channels == 64
+    assert {m.out_channels for m in model.backbone.fpn.layer_blocks.modules() if isinstance(m, nn.Conv2d)} == {64}
+    assert model.rpn.head.conv[0][0].in_channels == 64
+    assert model.roi_heads.box_head.fc6.in_features == 64 * 7 * 7  # 7x7 RoIAlign over 64 channels
+    model.train()
+    losses = model(*_batch())
+    assert torch.isfinite(sum(losses.values()))
