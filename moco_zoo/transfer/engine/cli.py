@@ -201,6 +201,13 @@ def _job_run(cfg, spec: str, data_root: str, run_dir: Path, resume: Optional[str
     return run_one(cfg, spec, data_root, run_dir, resume, eval_only)
 
 
+def _log_result(task: str, spec: str, result: Dict[str, Any]) -> Dict[str, Any]:
+    if devlib.is_main_process():
+        row = report.metric_row(task, result["metrics"])
+        logger.info("%s [%s]: %s", task, spec, ", ".join(f"{k} {v:.1f}" for k, v in row.items() if v is not None))
+    return result
+
+
 def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[str, Any]]:
     runs = list(_runs(out, args.weights, args.seeds))
     configs = []
@@ -224,17 +231,14 @@ def _run_all(task: str, args: argparse.Namespace, cfg, out: Path) -> List[Dict[s
             futures = [pool.submit(_job_run, run_cfg, spec, args.data_root, run_dir, args.resume, args.eval_only,
                                    jobs) for run_cfg, (spec, _, run_dir) in zip(configs, runs)]
             try:
-                results = [f.result() for f in futures]
+                results = [_log_result(task, spec, f.result()) for f, (spec, _, _) in zip(futures, runs)]
             except BaseException:  # report the first failure without starting the runs still queued
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     else:
-        results = [run_one(run_cfg, spec, args.data_root, run_dir, args.resume, args.eval_only)
+        results = [_log_result(task, spec, run_one(run_cfg, spec, args.data_root, run_dir, args.resume,
+                                                   args.eval_only))
                    for run_cfg, (spec, _, run_dir) in zip(configs, runs)]
-    if devlib.is_main_process():
-        for (spec, _, _), result in zip(runs, results):
-            row = report.metric_row(task, result["metrics"])
-            logger.info("%s [%s]: %s", task, spec, ", ".join(f"{k} {v:.1f}" for k, v in row.items() if v is not None))
     path = write_comparison(task, out, results)
     if path is not None:
         print(path.read_text(encoding="utf-8"), flush=True)
