@@ -66,7 +66,7 @@ def run_one(task: str, engine: str, experiment: str, args, out: Path) -> Dict[st
     iters = args.fit_iters if experiment == "fit" else args.curve_iters
     weights = ["random"] + ([args.weights] if args.weights else [])
     cmd = [sys.executable, str(C.REPO_ROOT / "transfer" / SCRIPTS[task]), "--data-root", _data(task, args),
-           "--weights", *weights, "--preset", "cpu", "--arch", args.arch, "--iters", str(iters),
+           "--weights", *weights, "--preset", args.preset, "--arch", args.arch, "--iters", str(iters),
            "--seeds", *map(str, args.seeds), "--output-dir", str(out), "--resume"]
     if task != "voc_seg":
         cmd += ["--engine", engine]
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--engines", nargs="+", default=["torchvision"], choices=["torchvision", "detectron2"])
     parser.add_argument("--weights", default=None, help="a MoCo checkpoint to compare with random init")
     parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--preset", default="cpu", help="the scripts' --preset (e.g. cpu-os16 for voc_seg curves)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fit-images", type=int, default=20)
     parser.add_argument("--fit-iters", type=int, default=400)

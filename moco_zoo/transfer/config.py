@@ -33,6 +33,7 @@ TASKS = ("voc_det", "coco_det", "voc_seg")
 _CHOICES = {
     "detector": ("c4", "fpn"), "norm": ("bn", "syncbn", "frozen"), "precision": ("auto", "fp32", "bf16", "fp16"),
     "lr_schedule": ("step", "poly"), "output_stride": (8, 16, 32), "engine": ("torchvision", "detectron2"),
+    "class_weighting": ("none", "median_frequency"),
 }
 
 
@@ -135,6 +136,7 @@ class SegmentationConfig(TransferConfig):
     concat_input: bool = True
     dropout: float = 0.1
     head_lr_mult: float = 1.0
+    class_weighting: str = "none"  # or median_frequency: cross-entropy weights from the training masks' class pixels
 
 
 SCHEMAS: Dict[str, Type[TransferConfig]] = {

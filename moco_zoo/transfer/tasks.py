@@ -6,8 +6,9 @@ CHW tensors in [0, 1] (the model resizes), segmentation images a stacked NxCxHxW
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,11 @@ from .evaluation.coco import CocoEvaluator
 from .evaluation.voc import VOCEvaluator
 from .modeling import build_detector
 from .segmentation.data import SegTrainTransform
+from .segmentation.losses import class_pixel_frequencies, dataset_masks, median_frequency_weights
 from .segmentation.metrics import SegmentationMeter
 from .segmentation.model import build_segmenter
+
+logger = logging.getLogger(__name__)
 
 
 def _to_device(targets: Sequence[Dict[str, Any]], device: torch.device) -> List[Dict[str, Any]]:
@@ -160,6 +164,7 @@ class SegmentationTask(Task):
     """FCN on a dilated ResNet; per-pixel cross-entropy (255 ignored); full-image single-scale test."""
 
     name = "voc_seg"
+    class_weight: Optional[torch.Tensor] = None  # set by build_datasets when cfg.class_weighting asks for it
 
     def build_datasets(self, data_root: str):
         cfg = self.cfg
@@ -167,8 +172,13 @@ class SegmentationTask(Task):
         train = VOCSegmentation(root, list(cfg.train_sets), mask_dir=cfg.mask_dir,
                                 transforms=SegTrainTransform(cfg.crop_size, list(cfg.scale_range), cfg.flip_prob))
         test = VOCSegmentation(root, list(cfg.test_sets), class_names=train.class_names, mask_dir=cfg.mask_dir)
-        return (_subset(train, cfg.max_train_images), _subset(test, cfg.max_test_images),
-                list(train.class_names))
+        train = _subset(train, cfg.max_train_images)
+        if cfg.class_weighting == "median_frequency":
+            self.class_weight = median_frequency_weights(*class_pixel_frequencies(
+                dataset_masks(train), len(train.class_names) + 1, VOC_IGNORE_INDEX))
+            logger.info("class weights (median frequency): %s", ", ".join(
+                f"{n} {w:.2f}" for n, w in zip(["background", *train.class_names], self.class_weight.tolist())))
+        return train, _subset(test, cfg.max_test_images), list(train.class_names)
 
     def build_model(self, weights, num_classes, arch, device):
         cfg = self.cfg
@@ -185,7 +195,8 @@ class SegmentationTask(Task):
     def losses(self, model, batch, device):
         images, masks = batch
         logits = model(images.to(device, non_blocking=True))
-        return {"loss_ce": F.cross_entropy(logits.float(), masks.to(device, non_blocking=True),
+        weight = None if self.class_weight is None else self.class_weight.to(device)
+        return {"loss_ce": F.cross_entropy(logits.float(), masks.to(device, non_blocking=True), weight=weight,
                                            ignore_index=VOC_IGNORE_INDEX)}
 
     def predict(self, model, images, device):

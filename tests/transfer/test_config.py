@@ -38,6 +38,20 @@ def test_cpu_20min_is_the_measured_command():
     assert resolve("voc_det", "paper").fpn_channels == 256  # the papers' FPN width stays the default
 
 
+def test_cpu_os16_is_the_measured_command():
+    """voc_seg ``cpu-os16``: the cpu preset plus the overrides of the measured learning curves (transfer/README.md)."""
+    assert set(preset_names("voc_seg")) == {"paper", "cpu", "cpu-os16"}
+    preset = resolve("voc_seg", "cpu-os16")
+    measured = resolve("voc_seg", "cpu", flags={"iters": 3000},
+                       overrides={"output_stride": 16, "class_weighting": "median_frequency",
+                                  "train_sets": ["2007-trainval", "2012-trainval"]})
+    preset.preset = measured.preset
+    assert preset == measured
+    assert resolve("voc_seg", "cpu").class_weighting == "none"
+    with pytest.raises(ConfigError, match="class_weighting"):
+        resolve("voc_seg", "cpu", overrides={"class_weighting": "inverse"})
+
+
 def test_precedence_preset_file_flags_overrides(tmp_path):
     f = tmp_path / "my.yaml"
     f.write_text("iters: 77\nlr: 0.05\nsteps: [50, 60]\n")

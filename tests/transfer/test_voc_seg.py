@@ -12,6 +12,7 @@ import yaml
 
 from moco_zoo.transfer.engine.cli import main
 from moco_zoo.transfer.segmentation.data import SegTrainTransform
+from moco_zoo.transfer.segmentation.losses import class_pixel_frequencies, median_frequency_weights
 from moco_zoo.transfer.segmentation.metrics import SegmentationMeter, confusion_matrix, segmentation_scores
 from moco_zoo.transfer.segmentation.model import FCNSegmenter, build_segmenter, dilated_resnet
 
@@ -47,6 +48,51 @@ def test_miou_absent_class_is_left_out_and_meter_accumulates():
     assert np.asarray(s["confusion"]).sum() == 3
     with pytest.raises(ValueError, match="target labels must be in 0..3"):
         m.update(torch.tensor([0]), torch.tensor([7]))
+
+
+def test_median_frequency_weights_hand_computed():
+    # Image 1: background 2 px, class 1 1 px, one ignored pixel; image 2: background 1 px, class 2 3 px.
+    masks = [np.array([[0, 0, 1, 255]]), np.array([[0, 2], [2, 2]])]
+    pixels, image_pixels = class_pixel_frequencies(masks, num_classes=4)
+    assert pixels.tolist() == [3, 1, 3, 0] and image_pixels.tolist() == [7, 3, 4, 0]
+    # f = (3/7, 1/3, 3/4); median 3/7; class 3 never occurs -> weight 1.
+    w = median_frequency_weights(pixels, image_pixels)
+    assert w.tolist() == pytest.approx([1.0, (3 / 7) / (1 / 3), (3 / 7) / (3 / 4), 1.0])
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        median_frequency_weights(np.zeros(3, np.int64), np.zeros(3, np.int64))
+
+
+def test_class_weighting_reaches_the_loss(synthetic_voc):
+    """``class_weighting=median_frequency``: weights from the training PNGs (read here with PIL) and the loss is the
+    weighted cross-entropy, i.e. sum(w_y * nll) / sum(w_y) over the labelled pixels."""
+    from PIL import Image
+
+    from moco_zoo.transfer.config import resolve
+    from moco_zoo.transfer.tasks import build_task
+
+    cfg = resolve("voc_seg", "cpu", overrides={"class_weighting": "median_frequency", "max_train_images": 6})
+    task = build_task(cfg)
+    train, _, names = task.build_datasets(str(synthetic_voc))
+    base = train.dataset
+    masks = [np.array(Image.open(base.mask_path(i))) for i in train.indices]
+    labelled = [m[m != 255] for m in masks]
+    k = len(names) + 1
+    freq = {c: sum((m == c).sum() for m in labelled) / sum(m.size for m in labelled if (m == c).any())
+            for c in range(k) if any((m == c).any() for m in labelled)}
+    median = float(np.median(list(freq.values())))
+    expect = [median / freq[c] if c in freq else 1.0 for c in range(k)]
+    assert task.class_weight.tolist() == pytest.approx(expect, rel=1e-6)
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, k, 4, 4)
+    target = torch.randint(0, k, (2, 4, 4))
+    target[0, 0, 0] = 255
+    loss = task.losses(lambda x: logits, (torch.zeros(2, 3, 4, 4), target), torch.device("cpu"))["loss_ce"]
+    valid = target != 255
+    nll = -logits.log_softmax(1).gather(1, target.clamp(max=k - 1)[:, None])[:, 0]
+    w = task.class_weight[target.clamp(max=k - 1)]
+    assert float(loss) == pytest.approx(float((w * nll)[valid].sum() / w[valid].sum()), rel=1e-5)
+    assert resolve("voc_seg", "paper").class_weighting == "none"  # the paper protocol trains unweighted
 
 
 @pytest.mark.parametrize("arch", ["resnet18"])
