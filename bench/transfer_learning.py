@@ -14,6 +14,8 @@ schedule and seeds (backend parity). Prints a Markdown table and writes JSON (``
     python bench/transfer_learning.py --experiments fit --tasks voc_det coco_det voc_seg
     python bench/transfer_learning.py --experiments fit curves --tasks voc_det --engines torchvision detectron2 \\
         --weights runs/moco/checkpoints/checkpoint_000000690.pth
+    python bench/transfer_learning.py --experiments curves --tasks voc_seg --preset cpu-os16 --curve-iters 3000 \\
+        --eval-period 500 --set threads=1 --jobs 2 --weights runs/moco/checkpoints/checkpoint_000000690.pth
 """
 from __future__ import annotations
 
