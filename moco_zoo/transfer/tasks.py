@@ -174,8 +174,9 @@ class SegmentationTask(Task):
         test = VOCSegmentation(root, list(cfg.test_sets), class_names=train.class_names, mask_dir=cfg.mask_dir)
         train = _subset(train, cfg.max_train_images)
         if cfg.class_weighting == "median_frequency":
-            self.class_weight = median_frequency_weights(*class_pixel_frequencies(
-                dataset_masks(train), len(train.class_names) + 1, VOC_IGNORE_INDEX))
+            self.class_weight = median_frequency_weights(
+                *class_pixel_frequencies(dataset_masks(train), len(train.class_names) + 1, VOC_IGNORE_INDEX),
+                source=f"{root} ({', '.join(cfg.train_sets)} {cfg.mask_dir} masks)")
             logger.info("class weights (median frequency): %s", ", ".join(
                 f"{n} {w:.2f}" for n, w in zip(["background", *train.class_names], self.class_weight.tolist())))
         return train, _subset(test, cfg.max_test_images), list(train.class_names)

@@ -4,11 +4,11 @@ Median frequency balancing (Eigen & Fergus, "Predicting Depth, Surface Normals a
 Multi-Scale Convolutional Architecture", ICCV 2015; used by SegNet): ``w_c = median(f) / f_c`` where ``f_c`` is the
 pixel count of class ``c`` divided by the pixel count of the training images in which ``c`` appears. Background
 (most pixels) gets a weight below 1 and rare classes above, so the loss is not dominated by background when little
-data and few iterations are available (the `cpu` preset); the paper protocol trains unweighted.
+data and few iterations are available (the `cpu-os16` preset); the paper protocol trains unweighted.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Tuple
+from typing import Iterable, Tuple
 
 import numpy as np
 import torch
@@ -29,12 +29,13 @@ def class_pixel_frequencies(masks: Iterable[np.ndarray], num_classes: int,
     return pixels, image_pixels
 
 
-def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> torch.Tensor:
+def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray,
+                             source: str = "the training masks") -> torch.Tensor:
     """``median(f) / f_c`` with ``f_c = pixels_c / image_pixels_c``; classes absent from training get weight 1 (they
-    never occur as a target, so their weight does not enter the loss)."""
+    never occur as a target, so their weight does not enter the loss). ``source`` names the masks in the error."""
     present = pixels > 0
     if not present.any():
-        raise ValueError("no labelled pixels in the training masks")
+        raise ValueError(f"{source}: no labelled pixels to compute class weights from")
     freq = np.where(present, pixels / np.maximum(image_pixels, 1), 0.0)
     weights = np.ones(len(pixels), dtype=np.float64)
     weights[present] = np.median(freq[present]) / freq[present]
@@ -46,5 +47,4 @@ def dataset_masks(dataset) -> Iterable[np.ndarray]:
     base, indices = dataset, range(len(dataset))
     if isinstance(dataset, torch.utils.data.Subset):
         base, indices = dataset.dataset, dataset.indices
-    read: Callable[[int], np.ndarray] = base.read_mask
-    return (read(i) for i in indices)
+    return (base.read_mask(i) for i in indices)
